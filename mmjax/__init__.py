@@ -1,0 +1,1 @@
+"""mmjax: DALL·E and CLIP in JAX/Flax, sharded for TPU pods."""

@@ -1,0 +1,1 @@
+"""Experiment configs: one python file per experiment, each with `get_config(arg) -> ConfigDict`."""

@@ -1,0 +1,1 @@
+"""tf.data input pipelines: TFDS builders, decoding, augmentation, tokenization, per-host sharding."""

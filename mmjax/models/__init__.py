@@ -1,0 +1,1 @@
+"""Flax Linen modules only: no data loading, no training loop, no mesh axes."""

@@ -1,0 +1,1 @@
+"""Mesh construction, logical axis rules, shardings, global arrays and AOT compilation."""

@@ -1,0 +1,1 @@
+"""Command-line tools: converters, AOT memory report, tokenizer training, the shapes oracle."""

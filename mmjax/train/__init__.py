@@ -1,0 +1,1 @@
+"""Trainers, one per model, plus the loop pieces they share."""
