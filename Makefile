@@ -1,0 +1,39 @@
+# `make demo` runs the main job on the embedded shapes set; `make test` runs the whole suite.
+# Both create .venv on first use and reinstall only when setup.cfg changes.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_WORKDIR ?= demo_workdir
+# The demo runs on the CPU by default; on a TPU VM use `make demo JAX_PLATFORMS=tpu`.
+JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# clip-benchmark only provides the caption corpus for the tokenizer: its own dependencies
+# (torch with CUDA, open_clip, ...) are not needed, hence --no-deps.
+$(VENV)/.installed-demo: setup.cfg pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps clip-benchmark==1.6.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-demo
+	$(PIP) install -q -e ".[test,aot,convert]"
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	JAX_PLATFORMS=$(JAX_PLATFORMS) $(PY) -m mmjax.main --config=mmjax/configs/shapes_preview.py --workdir=$(DEMO_WORKDIR)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/input_pipeline.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_WORKDIR)
