@@ -51,13 +51,15 @@ def main(argv):
   initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   import jax  # pylint: disable=g-import-not-at-top
+  from mmjax import sharding  # pylint: disable=g-import-not-at-top
   from mmjax.configs import validate  # pylint: disable=g-import-not-at-top
   from mmjax.train import registry  # pylint: disable=g-import-not-at-top
 
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   try:
-    validate.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    validate.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count(),
+                          num_slices=sharding.count_slices(jax.devices()))
     trainer = registry.get_trainer(config.trainer)
     logging.info("mmjax: trainer=%s workdir=%s devices=%d processes=%d", config.trainer,
                  _WORKDIR.value, jax.device_count(), jax.process_count())

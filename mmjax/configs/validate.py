@@ -42,8 +42,11 @@ def check_data(config, process_count, mesh_shape):
            f"(config.mesh axes {dict(config.logical_axis_rules).get('activation_batch')})")
 
 
-def check_config(config, num_devices, process_count=1, num_slices=1):
-  """Raises ConfigError for the first field that cannot work on this many devices/processes."""
+def check_config(config, num_devices, process_count=1, num_slices=None):
+  """Raises ConfigError for the first field that cannot work on this many devices/processes.
+
+  `num_slices=None` means the devices carry no slice information (CPU, single slice).
+  """
   from mmjax.sharding import resolve_mesh_shape  # pylint: disable=g-import-not-at-top
   _require(bool(config.get("trainer")), "trainer", "must name a trainer (see mmjax/train/registry.py)")
   mesh_shape = resolve_mesh_shape(config.mesh, num_devices, num_slices)
