@@ -1,0 +1,176 @@
+"""The per-host pipeline on real tiny data: values, deterministic shuffling, host disjointness, resume."""
+
+import collections
+import hashlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mmjax.configs import common
+from mmjax.errors import ConfigError, DataError
+from mmjax.input_pipeline import datasets, pipeline, preprocess
+from mmjax.input_pipeline import tokenizer as tokenizer_lib
+
+NUM_SHAPES = 64
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  prefix = tmp_path_factory.mktemp("tok") / "spm"
+  return tokenizer_lib.Tokenizer(tokenizer_lib.train_tokenizer(tokenizer_lib.cupl_sentences()[:3000], prefix, 256))
+
+
+def _config(name="shapes", global_batch=8, **data):
+  config = common.base_config()
+  config.data = common.data_config(name=name, image_size=16, global_batch=global_batch, text_length=32)
+  config.data.num_examples = NUM_SHAPES
+  config.data.shuffle_buffer = 32
+  config.data.update(data)
+  return config
+
+
+def _example_keys(dataset_or_batches):
+  """A multiset of (caption, image hash) over every example of some batches."""
+  keys = collections.Counter()
+  for batch in dataset_or_batches:
+    for image, caption in zip(batch["image"], batch["caption"]):
+      keys[(bytes(caption), hashlib.sha1(np.asarray(image).tobytes()).hexdigest())] += 1
+  return keys
+
+
+def test_eval_batches_are_preprocessed_source_examples(data_dir, tokenizer):
+  config = _config(pixel_map="dvae")
+  batch = next(pipeline.DataIterator(
+      pipeline.create_dataset(config, data_dir, tokenizer, train=False, process_index=0, process_count=1), 0))
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["text_tokens"].shape == (8, 32) and batch["text_tokens"].dtype == np.int32
+  source = datasets.source_dataset(config.data, data_dir, "train", 0, 1, preprocess.SkipCounter())
+  for i, example in enumerate(source.take(8)):
+    expected = preprocess.map_pixels(preprocess.resize_and_crop(example["image"], 16), "dvae").numpy()
+    np.testing.assert_array_equal(batch["image"][i], expected)
+    assert batch["caption"][i] == example["caption"].numpy()
+  assert 0.1 - 1e-6 <= batch["image"].min() and batch["image"].max() <= 0.9 + 1e-6
+  np.testing.assert_array_equal(batch["text_tokens"], tokenizer.tokenize(batch["caption"], "dalle", 32))
+
+
+def test_clip_layout_and_no_tokenizer(data_dir, tokenizer):
+  config = _config(pixel_map="clip")
+  config.data.text_layout = "clip"
+  config.data.text_length = 64  # room for every caption, so decoding gives it back whole
+  batch = next(pipeline.DataIterator(
+      pipeline.create_dataset(config, data_dir, tokenizer, train=True, process_index=0, process_count=1), 0))
+  tokens = batch["text_tokens"]
+  assert (tokens[:, 0] == tokenizer.bos_id).all()
+  eot = tokenizer_lib.eot_index(tokens)
+  assert (tokens[np.arange(8), eot] == tokenizer.eos_id).all()
+  assert [tokenizer.decode(row) for row in tokens] == [c.decode().lower() for c in batch["caption"]]
+  batch = next(pipeline.DataIterator(
+      pipeline.create_dataset(config, data_dir, None, train=True, process_index=0, process_count=1), 0))
+  assert sorted(batch) == ["caption", "image"]
+
+
+def test_training_epochs_are_seeded_permutations(data_dir, tokenizer):
+  def epochs(seed):
+    config = _config(random_crop=False)
+    config.seed = seed
+    iterator = pipeline.DataIterator(
+        pipeline.create_dataset(config, data_dir, tokenizer, train=True, process_index=0, process_count=1), 0)
+    batches = [next(iterator) for _ in range(2 * NUM_SHAPES // 8)]
+    return batches[:NUM_SHAPES // 8], batches[NUM_SHAPES // 8:]
+
+  first, second = epochs(seed=0)
+  everything = _example_keys(pipeline.create_dataset(
+      _config(global_batch=1), data_dir, None, train=False, process_index=0, process_count=1).as_numpy_iterator())
+  assert _example_keys(first) == everything == _example_keys(second)  # each epoch: every example once
+  order = lambda batches: [c for b in batches for c in b["caption"]]  # noqa: E731
+  assert order(first) != order(second)  # reshuffled each epoch
+  again, _ = epochs(seed=0)
+  assert order(again) == order(first)
+  other, _ = epochs(seed=1)
+  assert order(other) != order(first)
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+  """24 non-square noise images with sidecar captions, so random crops really move."""
+  folder = tmp_path_factory.mktemp("photos")
+  rng = np.random.default_rng(0)
+  for i in range(24):
+    image = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    tf.io.write_file(str(folder / f"img{i:02d}.png"), tf.io.encode_png(image))
+    (folder / f"img{i:02d}.txt").write_text(f"picture number {i}")
+  return str(folder)
+
+
+@pytest.mark.parametrize("name", ["shapes", "folder"])
+def test_restored_iterator_continues_bit_identically(name, data_dir, photo_folder, tokenizer, tmp_path):
+  config = _config(name, random_crop=True, path=photo_folder)
+  make = lambda: pipeline.DataIterator(  # noqa: E731
+      pipeline.create_dataset(config, data_dir, tokenizer, train=True, process_index=1, process_count=2), 1)
+  iterator = make()
+  for _ in range(3):
+    next(iterator)
+  prefix = iterator.save(tmp_path / "ckpt")
+  assert "process_1" in prefix
+  expected = [next(iterator) for _ in range(6)]  # runs past the end of the first epoch
+  fresh = next(make())
+  restored = make()
+  restored.restore(tmp_path / "ckpt")
+  for want, got in zip(expected, [next(restored) for _ in range(6)]):
+    assert sorted(want) == sorted(got) == ["caption", "image", "text_tokens"]
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+  assert not np.array_equal(fresh["image"], expected[0]["image"])
+
+
+def test_random_crops_depend_on_the_seed(photo_folder):
+  def first_images(seed):
+    config = _config("folder", random_crop=True, path=photo_folder, global_batch=24, shuffle_buffer=1)
+    config.seed = seed
+    return next(pipeline.create_dataset(config, "", None, train=True, process_index=0, process_count=1)
+                .as_numpy_iterator())
+
+  first, again, other = first_images(0), first_images(0), first_images(1)
+  np.testing.assert_array_equal(first["image"], again["image"])
+  assert list(first["caption"]) == list(other["caption"])  # shuffle_buffer=1 keeps file order
+  assert not np.array_equal(first["image"], other["image"])  # the same photos, cropped elsewhere
+
+
+@pytest.mark.parametrize("name,split", [("shapes", "train"), ("digits", "validation")])
+def test_hosts_read_disjoint_parts_that_cover_the_split(data_dir, name, split):
+  def keys(process_index, process_count):
+    dataset = pipeline.create_dataset(_config(name, global_batch=process_count), data_dir, None, train=False,
+                                      process_index=process_index, process_count=process_count, split=split)
+    return _example_keys(dataset.as_numpy_iterator())
+
+  whole, first, second = keys(0, 1), keys(0, 2), keys(1, 2)
+  assert first + second == whole  # a partition of the multiset of examples
+  assert abs(sum(first.values()) - sum(second.values())) <= 1
+  assert sum(whole.values()) == (NUM_SHAPES if name == "shapes" else 179)
+
+
+def test_folder_hosts_are_disjoint(photo_folder):
+  config = _config("folder", global_batch=2, path=photo_folder)
+  read = lambda index: {  # noqa: E731
+      c for b in pipeline.create_dataset(config, "", None, train=False, process_index=index, process_count=2)
+      .as_numpy_iterator() for c in b["caption"]}
+  first, second = read(0), read(1)
+  assert not first & second
+  assert first | second == {f"picture number {i}".encode() for i in range(24)}
+
+
+def test_errors_name_the_config_field(data_dir, tmp_path):
+  with pytest.raises(ConfigError, match=r"config\.data\.global_batch=9"):
+    pipeline.create_dataset(_config(global_batch=9), data_dir, None, train=True, process_index=0, process_count=2)
+  with pytest.raises(ConfigError, match=r"config\.data\.name='imagenet'"):
+    pipeline.create_dataset(_config("imagenet"), data_dir, None, train=True, process_index=0, process_count=1)
+  iterator = pipeline.DataIterator(
+      pipeline.create_dataset(_config(), data_dir, None, train=True, process_index=0, process_count=1), 0)
+  with pytest.raises(DataError, match="process_0"):
+    iterator.restore(tmp_path / "nothing_here")
