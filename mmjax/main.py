@@ -57,6 +57,9 @@ def main(argv):
 
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  if not sys.stderr.isatty():
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()  # progress bars are noise in log files; the stages still log
   try:
     validate.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count(),
                           num_slices=sharding.count_slices(jax.devices()))

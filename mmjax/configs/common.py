@@ -44,6 +44,7 @@ def data_config(name="shapes", image_size=64, global_batch=64, text_length=32):
       "global_batch": global_batch,
       "shuffle_buffer": 2048,
       "text_length": text_length,
+      "text_layout": "dalle",       # dalle (per-position padding) | clip (bos ... eos)
       "num_examples": 0,            # shapes train-split size override (0 = builder default)
   })
 
@@ -51,7 +52,8 @@ def data_config(name="shapes", image_size=64, global_batch=64, text_length=32):
 def tokenizer_config(vocab_size=1024):
   return ml_collections.ConfigDict({
       "vocab_size": vocab_size,     # 16,384 at full size
-      "corpus": "cupl",             # cupl (clip-benchmark's captions) | dataset | comma-separated text files
+      "corpus": "cupl",             # cupl (clip-benchmark's captions) | dataset (the data's own
+                                    # train captions) | comma-separated text files
       "model_path": "",             # "" = <workdir>/tokenizer/spm.model
   })
 

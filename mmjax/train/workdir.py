@@ -25,7 +25,11 @@ def ensure_tokenizer(config, workdir):
     if jax.process_index() == 0:
       logging.info("Training a %d-piece tokenizer on corpus %r -> %s",
                    config.tokenizer.vocab_size, config.tokenizer.corpus, path)
-      tok.train_tokenizer(config.tokenizer.corpus, path[:-len(".model")], config.tokenizer.vocab_size)
+      corpus = config.tokenizer.corpus
+      if corpus == "dataset":
+        from mmjax.input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+        corpus = datasets.captions(config.data, data_dir(config, workdir))
+      tok.train_tokenizer(corpus, path[:-len(".model")], config.tokenizer.vocab_size)
     _wait_for_all_processes("tokenizer")
   return tok.Tokenizer(path)
 
