@@ -94,23 +94,24 @@ class Tokenizer:
     if capacity < 1:
       raise ConfigError(f"config.data.text_length={length} leaves no room for text in layout {layout!r}")
     ids = self._sp.encode([c.decode("utf-8") if isinstance(c, bytes) else c for c in np.asarray(captions).ravel()])
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    # One trailing 0 so the clipped gather below stays in bounds even when every caption is empty.
-    flat = np.fromiter(itertools.chain(itertools.chain.from_iterable(ids), [0]), np.int32, int(lengths.sum()) + 1)
+    rows = len(ids)
+    lengths = np.fromiter(map(len, ids), np.int64, rows)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
     kept = np.minimum(lengths, capacity)
-    # Each row's first `kept` ids, gathered out of the flat concatenation in one vectorised step.
-    starts = np.cumsum(lengths) - lengths
-    columns = np.arange(capacity)
-    valid = columns[None, :] < kept[:, None]
-    gathered = flat[np.minimum(starts[:, None] + columns[None, :], len(flat) - 1)]
+    # Each row's first `kept` ids in one vectorised copy: a mask over the flat concatenation and a
+    # mask over the output grid pick the same ids in the same row-major order.
+    position_in_row = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    kept_ids = flat[position_in_row < capacity]
+    valid = np.arange(capacity)[None, :] < kept[:, None]
     if layout == "dalle":
-      tokens = np.where(valid, gathered, self.vocab_size + columns[None, :]).astype(np.int32)
+      tokens = np.tile(np.arange(self.vocab_size, self.vocab_size + length, dtype=np.int32), (rows, 1))
+      tokens[valid] = kept_ids
     else:
-      tokens = np.zeros((len(ids), length), np.int32)
+      tokens = np.zeros((rows, length), np.int32)
       tokens[:, 0] = BOS_ID
-      tokens[:, 1:-1] = np.where(valid, gathered, PAD_ID)
-      tokens[np.arange(len(ids)), kept + 1] = self.eos_id
-    self._count(len(ids), int((lengths > capacity).sum()), length)
+      tokens[:, 1:-1][valid] = kept_ids
+      tokens[np.arange(rows), kept + 1] = self.eos_id
+    self._count(rows, int((lengths > capacity).sum()), length)
     return tokens
 
   def tf_tokenize(self, captions, layout, length):

@@ -174,3 +174,11 @@ def test_errors_name_the_config_field(data_dir, tmp_path):
       pipeline.create_dataset(_config(), data_dir, None, train=True, process_index=0, process_count=1), 0)
   with pytest.raises(DataError, match="process_0"):
     iterator.restore(tmp_path / "nothing_here")
+
+
+def test_dataset_captions_for_a_tokenizer_corpus(data_dir):
+  config = _config()
+  captions = datasets.captions(config.data, data_dir, limit=10)
+  source = datasets.source_dataset(config.data, data_dir, "train", 0, 1, preprocess.SkipCounter())
+  assert captions == [example["caption"].decode() for example in source.take(10).as_numpy_iterator()]
+  assert len(datasets.captions(config.data, data_dir)) == NUM_SHAPES
