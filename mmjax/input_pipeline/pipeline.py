@@ -22,6 +22,7 @@ size; tf.data's symbolic checkpointing, which would skip prepared batches, hangs
 counters' stateful ops, so it is not used.
 """
 
+import json
 import os
 
 import numpy as np
@@ -91,7 +92,13 @@ def create_dataset(config, data_dir, tokenizer, *, train, process_index=None, pr
   # The skip counters' variables and the decoder's inner dataset hold no position to save: a
   # restored iterator resumes exactly, and only the (per-run, logged) skip counts start again.
   options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-  return dataset.with_options(options)
+  dataset = dataset.with_options(options)
+  # What this stream depends on: DataIterator saves it with each checkpoint and refuses to restore
+  # a position into a stream built differently (data_dir alone may move).
+  dataset.settings = {**{k: v for k, v in data.to_dict().items() if k != "data_dir"},
+                      "seed": config.seed, "split": split, "train": train, "process_index": process_index,
+                      "process_count": process_count, "vocab_size": tokenizer.vocab_size if tokenizer else None}
+  return dataset
 
 
 def _log_eval_remainder(dataset, local_batch, name, split):
@@ -112,12 +119,20 @@ class DataIterator:
     ...
     iterator = DataIterator(create_dataset(...same config...))
     iterator.restore(checkpoint_dir)  # the next batch is bit-identical to the uninterrupted run's
+
+  Beside each checkpoint, `iterator.settings.json` records the stream's settings (config.data,
+  seed, split, process index and count, vocab size); restoring into a stream built with other
+  settings raises DataError naming the fields that differ.
   """
 
   def __init__(self, dataset, process_index=None):
+    self.settings = getattr(dataset, "settings", None)  # set by create_dataset
     if process_index is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      process_index = jax.process_index()
+      if self.settings:
+        process_index = self.settings["process_index"]
+      else:
+        import jax  # pylint: disable=g-import-not-at-top
+        process_index = jax.process_index()
     self.process_index = process_index
     self._iterator = iter(dataset)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
@@ -133,15 +148,26 @@ class DataIterator:
 
   def save(self, directory):
     """Writes this process's position under directory/process_<i>/; returns the checkpoint prefix."""
-    return self._checkpoint.write(self.checkpoint_prefix(directory))
+    prefix = self._checkpoint.write(self.checkpoint_prefix(directory))
+    if self.settings is not None:
+      with tf.io.gfile.GFile(prefix + ".settings.json", "w") as f:
+        f.write(json.dumps(self.settings, indent=1, sort_keys=True))
+    return prefix
 
   def restore(self, directory):
     """Moves to the position saved under directory/process_<i>/ by an iterator of the same pipeline."""
     prefix = self.checkpoint_prefix(directory)
     if not tf.io.gfile.exists(prefix + ".index"):
       raise DataError(f"no data iterator checkpoint at {prefix!r} (expected {prefix}.index)")
+    if self.settings is not None and tf.io.gfile.exists(prefix + ".settings.json"):
+      with tf.io.gfile.GFile(prefix + ".settings.json") as f:
+        saved = json.load(f)
+      now = json.loads(json.dumps(self.settings))  # tuples -> lists, as they were saved
+      changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+      if changed:
+        raise DataError(f"data iterator checkpoint {prefix!r} was saved by another pipeline; "
+                        f"(saved, now) differ in {changed}")
     try:
       self._checkpoint.read(prefix).assert_consumed()
     except (tf.errors.OpError, AssertionError) as e:
-      raise DataError(f"data iterator checkpoint {prefix!r} does not fit this pipeline "
-                      f"(was it saved with another config?): {e}") from e
+      raise DataError(f"data iterator checkpoint {prefix!r} does not fit this pipeline: {e}") from e

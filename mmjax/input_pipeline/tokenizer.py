@@ -89,10 +89,7 @@ class Tokenizer:
 
   def tokenize(self, captions, layout, length):
     """int32 [len(captions), length] rows in `layout` for a batch of str/bytes captions."""
-    _check_layout(layout)
-    capacity = length if layout == "dalle" else length - 2
-    if capacity < 1:
-      raise ConfigError(f"config.data.text_length={length} leaves no room for text in layout {layout!r}")
+    capacity = _text_capacity(layout, length)
     ids = self._sp.encode([c.decode("utf-8") if isinstance(c, bytes) else c for c in np.asarray(captions).ravel()])
     rows = len(ids)
     lengths = np.fromiter(map(len, ids), np.int64, rows)
@@ -116,7 +113,7 @@ class Tokenizer:
 
   def tf_tokenize(self, captions, layout, length):
     """The same rows inside a tf graph: one sentencepiece call per batch of captions."""
-    _check_layout(layout)
+    _text_capacity(layout, length)  # bad settings fail here, not later inside tf.data
     tokens = tf.numpy_function(lambda c: self.tokenize(c, layout, length), [captions], tf.int32,
                                stateful=False, name="sentencepiece_tokenize")
     tokens.set_shape([captions.shape[0], length])
@@ -134,6 +131,15 @@ class Tokenizer:
 def _check_layout(layout):
   if layout not in LAYOUTS:
     raise ConfigError(f"config.data.text_layout={layout!r}: expected one of {LAYOUTS}")
+
+
+def _text_capacity(layout, length):
+  """Caption ids that fit in a row of `length`."""
+  _check_layout(layout)
+  capacity = length if layout == "dalle" else length - 2
+  if capacity < 1:
+    raise ConfigError(f"config.data.text_length={length} leaves no room for text in layout {layout!r}")
+  return capacity
 
 
 def cupl_sentences():

@@ -174,6 +174,12 @@ def test_errors_name_the_config_field(data_dir, tmp_path):
       pipeline.create_dataset(_config(), data_dir, None, train=True, process_index=0, process_count=1), 0)
   with pytest.raises(DataError, match="process_0"):
     iterator.restore(tmp_path / "nothing_here")
+  next(iterator)
+  iterator.save(tmp_path / "ckpt")
+  other = pipeline.DataIterator(
+      pipeline.create_dataset(_config(global_batch=4), data_dir, None, train=True, process_index=0, process_count=1))
+  with pytest.raises(DataError, match=r"'global_batch': \(8, 4\)"):
+    other.restore(tmp_path / "ckpt")
 
 
 def test_dataset_captions_for_a_tokenizer_corpus(data_dir):
