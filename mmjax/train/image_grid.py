@@ -10,7 +10,7 @@ def _font():
   return ImageFont.load_default()
 
 
-def save_grid(images, captions, path, columns=8, scale=None, caption_lines=3):
+def save_grid(images, captions, path, columns=8, scale=None, caption_lines=4):
   """Writes uint8 images [N,H,W,3] as a grid with each image's caption above it.
 
   `scale` enlarges small images (nearest neighbour) so captions stay legible; by default
