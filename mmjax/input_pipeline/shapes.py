@@ -60,6 +60,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
     if self.image_size < shapes_render.MIN_IMAGE_SIZE:
       raise ConfigError(f"ShapesConfig({self.name!r}).image_size={self.image_size}: expected "
                         f">= {shapes_render.MIN_IMAGE_SIZE}")
+    if self.seed < 0:
+      raise ConfigError(f"ShapesConfig({self.name!r}).seed={self.seed}: expected >= 0")
     for field in ("num_train", "num_validation", "num_test"):
       if getattr(self, field) < 1:
         raise ConfigError(f"ShapesConfig({self.name!r}).{field}={getattr(self, field)}: "

@@ -211,6 +211,11 @@ def _place_pair(rng: np.random.Generator, sides: tuple[int, int], relation: str,
         return [(along[k], across[k]) for k in range(2)]
 
 
+def _pick(options: Sequence, uniform: float):
+  """The option a uniform draw in [0, 1) lands on."""
+  return options[int(uniform * len(options))]
+
+
 def sample_scene(rng: np.random.Generator, image_size: int = 64, num_objects: int | None = None,
                  colour_shapes: Sequence[tuple[str, str]] = ALL_COLOUR_SHAPES,
                  required_colour_shapes: Sequence[tuple[str, str]] = ()) -> Scene:
@@ -223,29 +228,32 @@ def sample_scene(rng: np.random.Generator, image_size: int = 64, num_objects: in
   """
   if image_size < MIN_IMAGE_SIZE:
     raise DataError(f"image_size={image_size} is below the smallest supported {MIN_IMAGE_SIZE}")
-  if num_objects is None:
-    num_objects = 1 if rng.random() < ONE_OBJECT_PROBABILITY else 2
-  if num_objects not in (1, 2):
-    raise DataError(f"num_objects={num_objects}: scenes hold 1 or 2 objects")
   if not colour_shapes:
     raise DataError("colour_shapes is empty: no (colour, shape) pair to draw objects from")
-  pools = [list(colour_shapes)] * num_objects
+  # One block of uniforms per scene: a numpy call costs more than the arithmetic on its result.
+  u = rng.random(9).tolist()
+  if num_objects is None:
+    num_objects = 1 if u[0] < ONE_OBJECT_PROBABILITY else 2
+  if num_objects not in (1, 2):
+    raise DataError(f"num_objects={num_objects}: scenes hold 1 or 2 objects")
+  pools = [colour_shapes] * num_objects
   if required_colour_shapes:
-    pools[int(rng.integers(num_objects))] = list(required_colour_shapes)
-  pairs = [pools[0][rng.integers(len(pools[0]))]]
+    pools[int(u[1] * num_objects)] = required_colour_shapes
+  pairs = [_pick(pools[0], u[2])]
   if num_objects == 2:
     others = [p for p in pools[1] if p != pairs[0]]
     if not others:
       raise DataError(f"no (colour, shape) pair differs from {pairs[0]} in {pools[1]}")
-    pairs.append(others[rng.integers(len(others))])
-  sizes = [SIZES[i] for i in rng.integers(len(SIZES), size=num_objects)]
+    pairs.append(_pick(others, u[3]))
+  sizes = [_pick(SIZES, u[4 + i]) for i in range(num_objects)]
   sides = [side_px(s, image_size) for s in sizes]
   border = border_px(image_size)
   if num_objects == 1:
-    top, left = rng.integers(border, image_size - border - sides[0] + 1, size=2)
-    corners, relation = [(int(top), int(left))], "none"
+    positions = image_size - 2 * border - sides[0] + 1
+    corners = [(border + int(u[7] * positions), border + int(u[8] * positions))]
+    relation = "none"
   else:
-    relation = RELATIONS[1 + rng.integers(len(RELATIONS) - 1)]
+    relation = _pick(RELATIONS[1:], u[6])
     corners = _place_pair(rng, (sides[0], sides[1]), relation, image_size)
   objects = tuple(
       SceneObject(colour=c, shape=s, size=z, x=left + side // 2, y=top + side // 2)
@@ -334,14 +342,14 @@ def caption_variants(scene: Scene) -> list[str]:
 def caption(scene: Scene, rng: np.random.Generator) -> str:
   """A random template caption of `scene`; each object's size is named half of the time."""
   n = len(scene.objects)
-  mention = tuple(bool(m) for m in rng.random(n) < 0.5)
+  u = rng.random(5).tolist()
+  mention = tuple(m < 0.5 for m in u[:n])
   if n == 1:
     return format_caption(scene, CaptionChoice(
-        template=int(rng.integers(len(ONE_OBJECT_TEMPLATES))), mention_size=mention))
-  phrases = RELATION_PHRASES.get(scene.relation, ())
-  choice = CaptionChoice(template=int(rng.integers(len(TWO_OBJECT_TEMPLATES))),
-                         mention_size=mention, swap=bool(rng.random() < 0.5),
-                         phrase=int(rng.integers(max(1, len(phrases)))))
+        template=int(u[2] * len(ONE_OBJECT_TEMPLATES)), mention_size=mention))
+  phrases = RELATION_PHRASES.get(scene.relation, ("",))
+  choice = CaptionChoice(template=int(u[2] * len(TWO_OBJECT_TEMPLATES)), mention_size=mention,
+                         swap=u[3] < 0.5, phrase=int(u[4] * len(phrases)))
   return format_caption(scene, choice)
 
 

@@ -5,13 +5,15 @@
   scores = score(image, example)               # a stored dataset example (tfds.as_numpy)
 
 It is meant for noisy, blurry, slightly off-colour images (dVAE reconstructions, samples):
-  1. foreground = brightest channel above a low threshold; 8-connected components;
-  2. each component is re-thresholded at half its own peak brightness (the edge of a blurred
-     shape sits near half its brightness), which also cuts faint bridges between objects;
+  1. contrast = largest channel difference from the background colour (the image's median), so
+     a tinted or grey background works too; foreground = contrast above a low threshold,
+     split into 8-connected components;
+  2. each component is re-thresholded at half its own peak contrast (the edge of a blurred
+     shape sits near half its contrast), which also cuts faint bridges between objects;
      pieces too small to be an object are counted as specks and ignored;
   3. colour: mean of the object's bright core less the background colour, normalised by its
      brightest channel (a dimmed white is still white), nearest palette colour;
-  4. shape and size: least-squares fit of the object's brightness (scaled to [0, 1]) to every
+  4. shape and size: least-squares fit of the object's contrast (scaled to [0, 1]) to every
      shape's mask -- the masks the dataset is drawn with -- at sides near the observed one,
      each also blurred at a few widths, shifted up to 2 px; the best fit names shape and side.
 Images of 128 px and more are block-averaged to 64..127 px first.
@@ -50,8 +52,8 @@ _MAX_CANDIDATES = 6
 
 @dataclasses.dataclass(frozen=True)
 class OracleSettings:
-  min_brightness: float = 48.0      # foreground floor on the brightest channel (0..255)
-  relative_brightness: float = 0.3  # ... or this fraction of the image's brightest pixel
+  min_contrast: float = 48.0        # foreground floor on the contrast (0..255)
+  relative_contrast: float = 0.3    # ... or this fraction of the image's highest contrast
   edge_fraction: float = 0.5        # per-object threshold: this fraction of its peak
   core_fraction: float = 0.75       # pixels this bright (of the peak) decide the colour
   min_area_fraction: float = 0.25   # smaller pieces, relative to the smallest object's area,
@@ -129,12 +131,15 @@ def _template_bank(side: int) -> tuple[np.ndarray, np.ndarray]:
     for sigma in _TEMPLATE_BLURS:
       rows.append(ndimage.gaussian_filter(padded, sigma) if sigma else padded)
   bank = np.stack(rows).reshape(len(rows), size * size)
-  return np.ascontiguousarray(bank.T), (bank * bank).sum(axis=1)
+  columns, energies = np.ascontiguousarray(bank.T), (bank * bank).sum(axis=1)
+  columns.setflags(write=False)
+  energies.setflags(write=False)
+  return columns, energies
 
 
 def _match_shape(soft: np.ndarray, box: tuple[int, int, int, int]
                  ) -> tuple[str, int, float, tuple[int, int]]:
-  """Least-squares fit of every shape template to `soft` (object brightness in [0, 1] on a
+  """Least-squares fit of every shape template to `soft` (object contrast in [0, 1] on a
   canvas with a margin around it). `box` = (top, left, height, width) of the thresholded mask
   on the canvas; sides near its extent are tried, shifted up to 2 px from its centre.
 
@@ -167,19 +172,19 @@ def _match_shape(soft: np.ndarray, box: tuple[int, int, int, int]
   return best
 
 
-def _pieces(brightness: np.ndarray, settings: OracleSettings) -> list[tuple[int, int, np.ndarray]]:
+def _pieces(contrast: np.ndarray, settings: OracleSettings) -> list[tuple[int, int, np.ndarray]]:
   """(top, left, mask) of each bright piece: components above a low threshold, each cut at
   `edge_fraction` of its own peak (a blurred edge sits near half the peak; faint bridges
   between neighbours fall below it)."""
-  threshold = max(settings.min_brightness, settings.relative_brightness * float(brightness.max()))
-  labels, _ = ndimage.label(brightness >= threshold, structure=_EIGHT_CONNECTED)
+  threshold = max(settings.min_contrast, settings.relative_contrast * float(contrast.max()))
+  labels, _ = ndimage.label(contrast >= threshold, structure=_EIGHT_CONNECTED)
   pieces = []
   for index, box in enumerate(ndimage.find_objects(labels), start=1):
     if box is None:
       continue
-    region_brightness = np.where(labels[box] == index, brightness[box], 0)
-    peak = float(np.percentile(region_brightness[region_brightness > 0], 90))
-    parts, _ = ndimage.label(region_brightness >= settings.edge_fraction * peak,
+    region_contrast = np.where(labels[box] == index, contrast[box], 0)
+    peak = float(np.percentile(region_contrast[region_contrast > 0], 90))
+    parts, _ = ndimage.label(region_contrast >= settings.edge_fraction * peak,
                              structure=_EIGHT_CONNECTED)
     for part_index, part_box in enumerate(ndimage.find_objects(parts), start=1):
       if part_box is not None:
@@ -214,35 +219,34 @@ def detect(image, settings: OracleSettings = OracleSettings()) -> Detection:
 def _detect(image, settings: OracleSettings) -> Detection:
   rgb, factor = _downsample(_as_rgb(image))
   image_size = rgb.shape[0]
-  brightness = rgb.max(axis=2)
-  background = float(np.median(brightness))
-  background_rgb = np.median(rgb.reshape(-1, 3), axis=0)
+  background = np.median(rgb.reshape(-1, 3), axis=0)
+  contrast = np.abs(rgb - background).max(axis=2)
   smallest_side = shapes_render.side_px("small", image_size)
   min_area = max(3.0, settings.min_area_fraction * 0.4 * smallest_side ** 2)  # ~ a small star
-  pieces = _pieces(brightness, settings)
+  pieces = _pieces(contrast, settings)
   kept = [(top, left, mask) for top, left, mask in pieces if mask.sum() >= min_area]
   num_specks = len(pieces) - len(kept)
   # Which kept piece owns each pixel, so a neighbour's pixels never enter an object's fit.
-  owner = np.zeros(brightness.shape, np.int32)
+  owner = np.zeros(contrast.shape, np.int32)
   for number, (top, left, mask) in enumerate(kept, start=1):
     owner[top:top + mask.shape[0], left:left + mask.shape[1]][mask] = number
   neighbours_halo = ndimage.grey_dilation(owner, size=(3, 3))
   margin = _TEMPLATE_PAD + 5
-  padded_brightness = np.pad(brightness, margin, constant_values=background)
+  padded_contrast = np.pad(contrast, margin)
   padded_owner = np.pad(np.maximum(owner, neighbours_halo * (owner == 0)), margin)
   objects = []
   for number, (top, left, mask) in enumerate(kept, start=1):
     height, width = mask.shape
-    crop_brightness = brightness[top:top + height, left:left + width]
-    peak = float(np.percentile(crop_brightness[mask], 90))
+    crop_contrast = contrast[top:top + height, left:left + width]
+    peak = float(np.percentile(crop_contrast[mask], 90))
     window = (slice(top, top + height + 2 * margin), slice(left, left + width + 2 * margin))
-    soft = np.clip((padded_brightness[window] - background) / max(peak - background, 1.0), 0, 1)
+    soft = np.clip(padded_contrast[window] / max(peak, 1.0), 0, 1)
     foreign = (padded_owner[window] != 0) & (padded_owner[window] != number)
     soft = np.where(foreign, 0, soft).astype(np.float32)
     shape, side, fit, (y0, x0) = _match_shape(soft, (margin, margin, height, width))
-    core = mask & (crop_brightness >= settings.core_fraction * crop_brightness[mask].max())
+    core = mask & (crop_contrast >= settings.core_fraction * crop_contrast[mask].max())
     colour, distance = _classify_colour(rgb[top:top + height, left:left + width][core],
-                                        background_rgb)
+                                        background)
     objects.append(DetectedObject(
         colour=colour, shape=shape,
         size="large" if side / image_size >= _SIZE_BOUNDARY else "small",

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import os
 import pathlib
 import time
 
@@ -19,8 +20,13 @@ TINY = shapes.ShapesConfig(name="test_tiny_64px", image_size=64, num_train=300,
 
 
 @pytest.fixture(scope="module")
-def tiny_builder(tmp_path_factory):
-  return shapes.prepare(tmp_path_factory.mktemp("tfds"), TINY)
+def tiny_data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def tiny_builder(tiny_data_dir):
+  return shapes.prepare(tiny_data_dir, TINY)
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +157,11 @@ def test_builder_registered_with_configs():
     shapes.ShapesConfig(name="bad", image_size=4)
   with pytest.raises(ConfigError, match="num_test=0"):
     shapes.ShapesConfig(name="bad", num_test=0)
+  with pytest.raises(ConfigError, match="seed=-1"):
+    shapes.ShapesConfig(name="bad", seed=-1)
 
 
-def test_feature_spec_and_split_sizes(tiny_builder, tiny_splits):
+def test_feature_spec_and_split_sizes(tiny_builder, tiny_splits, tiny_data_dir):
   features = tiny_builder.info.features
   assert features["image"].shape == (64, 64, 3)
   assert features["objects"]["colour"].names == list(sr.COLOUR_NAMES)
@@ -161,9 +169,11 @@ def test_feature_spec_and_split_sizes(tiny_builder, tiny_splits):
   assert features["relation"].names == list(sr.RELATIONS)
   assert {s: len(tiny_splits[s]) for s in shapes.SPLITS} == {
       "train": 300, "validation": 60, "test": 120}
-  loaded = tfds.builder("shapes", data_dir=tiny_builder.data_dir.split("/shapes/")[0],
-                        config=TINY)
+  loaded = tfds.builder("shapes", data_dir=str(tiny_data_dir), config=TINY)
+  assert isinstance(loaded, shapes.Shapes)
   assert loaded.info.splits["train"].num_examples == 300
+  assert loaded.info.metadata["held_out_colour_shapes"] == [
+      list(pair) for pair in shapes.HELD_OUT_COLOUR_SHAPES]
 
 
 def test_stored_images_match_stored_attributes_and_captions(tiny_splits):
@@ -236,11 +246,19 @@ def test_png_encoding_round_trips_losslessly():
 
 @pytest.mark.slow
 def test_default_50k_build_takes_under_a_minute(tmp_path):
-  start = time.perf_counter()
+  """The default config (50k train + 2k + 2k at 64 px) builds in under a minute of CPU.
+
+  CPU time rather than wall time: on a shared 2-core machine other jobs stretch the wall
+  clock 2-3x (measured 15-30 s wall when the machine is quiet, 83 s at load average 6).
+  """
+  shapes.prepare(tmp_path / "warm_up", TINY)  # TensorFlow's import is not the build's cost
+  start_wall, start_cpu = time.perf_counter(), time.process_time()
   builder = shapes.prepare(tmp_path)
-  elapsed = time.perf_counter() - start
+  wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+  assert builder.builder_config.name == "64px"
   assert builder.info.splits["train"].num_examples == 50_000
   size_mb = sum(p.stat().st_size for p in pathlib.Path(builder.data_dir).iterdir()) / 2 ** 20
-  print(f"built shapes/64px (50k + 2k + 2k) in {elapsed:.1f} s, {size_mb:.1f} MiB")
-  assert elapsed < 60
-  assert size_mb < 60
+  print(f"built shapes/64px (50k + 2k + 2k) in {wall:.1f} s wall, {cpu:.1f} s CPU, "
+        f"{size_mb:.1f} MiB, load average {os.getloadavg()[0]:.1f}")
+  assert cpu < 60
+  assert size_mb < 40

@@ -118,6 +118,9 @@ def test_describe_reads_positions_sizes_and_ignores_specks():
   assert oracle.score(image, scene)["all"]
   # Floats in [0, 1] are read the same way.
   assert oracle.describe(image.astype(np.float32) / 255) == described
+  # So is a grey background (contrast is measured from the background colour).
+  grey = np.where(np.all(image == 0, axis=-1, keepdims=True), np.uint8(110), image)
+  assert oracle.score(grey, scene)["all"]
 
 
 @pytest.mark.parametrize("image_size", [128, 256])
