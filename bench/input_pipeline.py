@@ -132,8 +132,8 @@ def main(argv):
                                      text_length=_TEXT_LENGTH.value)
     config.data.update(path=os.path.join(records, "*.tfrecord"), random_crop=True)
     rate, size = bench_pipeline(config, "", tokenizer, os.path.join(work, "ck_jpeg"))
-    rows.append({"case": "jpeg 256 px (TFRecord jpg/txt)", "image_size": 256, "batch": 64, "images_per_s": rate,
-                 "checkpoint_bytes": size})
+    rows.append({"case": "jpeg 256 px (TFRecord jpg/txt)", "image_size": 256, "batch": 64,
+                 "images_per_s": rate, "checkpoint_bytes": size})
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
@@ -147,8 +147,8 @@ def main(argv):
   for row in rows:
     if "images_per_s" in row:
       row["images_per_s_per_core"] = row["images_per_s"] / n
-      print(f"| {row['case']} | {row['batch']} | {row['images_per_s']:,.0f} | {row['images_per_s_per_core']:,.0f} "
-            f"| | {row['checkpoint_bytes'] / 1e6:,.1f} MB |")
+      print(f"| {row['case']} | {row['batch']} | {row['images_per_s']:,.0f} "
+            f"| {row['images_per_s_per_core']:,.0f} | | {row['checkpoint_bytes'] / 1e6:,.1f} MB |")
     else:
       print(f"| {row['case']} | {row['batch']} | | | {row['captions_per_s']:,.0f} | |")
   print(f"\nReproduce: `{command}`")

@@ -60,7 +60,8 @@ def source_dataset(data_config, data_dir, split, process_index, process_count, c
   if name in TFDS_NAMES:
     builder = tfds_builder(data_config, data_dir)
     if split not in builder.info.splits:
-      raise ConfigError(f"config.data.split={split!r}: dataset {name!r} has splits {sorted(builder.info.splits)}")
+      raise ConfigError(f"config.data.split={split!r}: dataset {name!r} has splits "
+                        f"{sorted(builder.info.splits)}")
     host_split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
     read_config = tfds.ReadConfig(
         shuffle_seed=seed, shuffle_reshuffle_each_iteration=True,

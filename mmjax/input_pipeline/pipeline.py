@@ -96,8 +96,10 @@ def create_dataset(config, data_dir, tokenizer, *, train, process_index=None, pr
   # What this stream depends on: DataIterator saves it with each checkpoint and refuses to restore
   # a position into a stream built differently (data_dir alone may move).
   dataset.settings = {**{k: v for k, v in data.to_dict().items() if k != "data_dir"},
-                      "seed": config.seed, "split": split, "train": train, "process_index": process_index,
-                      "process_count": process_count, "vocab_size": tokenizer.vocab_size if tokenizer else None}
+                      "seed": config.seed, "split": split, "train": train,
+                      "process_index": process_index, "process_count": process_count,
+                      "vocab_size": tokenizer.vocab_size if tokenizer else None}
+  dataset.skip_counter = counter  # DataIterator logs its counts
   return dataset
 
 
@@ -107,7 +109,8 @@ def _log_eval_remainder(dataset, local_batch, name, split):
     logging.warning("Eval on %s/%s: %d examples in this process's part; the last %d do not fill a batch "
                     "of %d and are dropped", name, split, examples, examples % local_batch, local_batch)
   elif examples < 0:
-    logging.info("Eval on %s/%s: size unknown; a final partial batch of %d is dropped", name, split, local_batch)
+    logging.info("Eval on %s/%s: size unknown; a final partial batch of %d is dropped",
+                 name, split, local_batch)
 
 
 class DataIterator:
@@ -127,6 +130,7 @@ class DataIterator:
 
   def __init__(self, dataset, process_index=None):
     self.settings = getattr(dataset, "settings", None)  # set by create_dataset
+    self.skip_counter = getattr(dataset, "skip_counter", None)
     if process_index is None:
       if self.settings:
         process_index = self.settings["process_index"]
@@ -141,7 +145,17 @@ class DataIterator:
     return self
 
   def __next__(self):
-    return {name: value.numpy() for name, value in next(self._iterator).items()}
+    try:
+      batch = next(self._iterator)
+    except StopIteration:
+      self.log_skips()  # the end of an eval pass
+      raise
+    return {name: value.numpy() for name, value in batch.items()}
+
+  def log_skips(self):
+    """Logs how many examples this process dropped so far, by reason (e.g. undecodable images)."""
+    if self.skip_counter is not None:
+      self.skip_counter.log()
 
   def checkpoint_prefix(self, directory):
     return os.path.join(os.fspath(directory), f"process_{self.process_index}", "iterator")
@@ -149,6 +163,7 @@ class DataIterator:
   def save(self, directory):
     """Writes this process's position under directory/process_<i>/; returns the checkpoint prefix."""
     prefix = self._checkpoint.write(self.checkpoint_prefix(directory))
+    self.log_skips()
     if self.settings is not None:
       with tf.io.gfile.GFile(prefix + ".settings.json", "w") as f:
         f.write(json.dumps(self.settings, indent=1, sort_keys=True))
@@ -163,7 +178,8 @@ class DataIterator:
       with tf.io.gfile.GFile(prefix + ".settings.json") as f:
         saved = json.load(f)
       now = json.loads(json.dumps(self.settings))  # tuples -> lists, as they were saved
-      changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+      changed = {key: (saved.get(key), now.get(key)) for key in sorted(set(saved) | set(now))
+                 if saved.get(key) != now.get(key)}
       if changed:
         raise DataError(f"data iterator checkpoint {prefix!r} was saved by another pipeline; "
                         f"(saved, now) differ in {changed}")

@@ -57,7 +57,8 @@ class Tokenizer:
     ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
     if ids != (PAD_ID, UNK_ID, BOS_ID, self.vocab_size - 1):
       raise DataError(f"tokenizer model {self.model_path!r}: (pad, unk, bos, eos) ids are {ids}, expected "
-                      f"{(PAD_ID, UNK_ID, BOS_ID, self.vocab_size - 1)} (train it with mmjax.tools.train_tokenizer)")
+                      f"{(PAD_ID, UNK_ID, BOS_ID, self.vocab_size - 1)} "
+                      "(train it with mmjax.tools.train_tokenizer)")
     self._lock = threading.Lock()
     self.num_captions = 0
     self.num_truncated = 0
@@ -90,7 +91,8 @@ class Tokenizer:
   def tokenize(self, captions, layout, length):
     """int32 [len(captions), length] rows in `layout` for a batch of str/bytes captions."""
     capacity = _text_capacity(layout, length)
-    ids = self._sp.encode([c.decode("utf-8") if isinstance(c, bytes) else c for c in np.asarray(captions).ravel()])
+    texts = [c.decode("utf-8") if isinstance(c, bytes) else c for c in np.asarray(captions).ravel()]
+    ids = self._sp.encode(texts)
     rows = len(ids)
     lengths = np.fromiter(map(len, ids), np.int64, rows)
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
@@ -114,6 +116,8 @@ class Tokenizer:
   def tf_tokenize(self, captions, layout, length):
     """The same rows inside a tf graph: one sentencepiece call per batch of captions."""
     _text_capacity(layout, length)  # bad settings fail here, not later inside tf.data
+    # stateful=False: the only side effect is the truncation count, and a stateless op lets
+    # tf.data checkpoint the pipeline around it.
     tokens = tf.numpy_function(lambda c: self.tokenize(c, layout, length), [captions], tf.int32,
                                stateful=False, name="sentencepiece_tokenize")
     tokens.set_shape([captions.shape[0], length])
@@ -222,5 +226,6 @@ def train_tokenizer(sentences_or_files, output_prefix, vocab_size, *, character_
   processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
   with tf.io.gfile.GFile(f"{output_prefix}.vocab", "w") as f:
     f.write("".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n" for i in range(vocab_size)))
-  logging.info("Trained a %d-piece BPE tokenizer on %d sentences -> %s", vocab_size, len(sentences), model_path)
+  logging.info("Trained a %d-piece BPE tokenizer on %d sentences -> %s", vocab_size, len(sentences),
+               model_path)
   return model_path

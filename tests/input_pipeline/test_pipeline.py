@@ -2,6 +2,8 @@
 
 import collections
 import hashlib
+import logging
+import pathlib
 
 import numpy as np
 import pytest
@@ -23,7 +25,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   prefix = tmp_path_factory.mktemp("tok") / "spm"
-  return tokenizer_lib.Tokenizer(tokenizer_lib.train_tokenizer(tokenizer_lib.cupl_sentences()[:3000], prefix, 256))
+  corpus = tokenizer_lib.cupl_sentences()[:3000]
+  return tokenizer_lib.Tokenizer(tokenizer_lib.train_tokenizer(corpus, prefix, 256))
 
 
 def _config(name="shapes", global_batch=8, **data):
@@ -188,3 +191,19 @@ def test_dataset_captions_for_a_tokenizer_corpus(data_dir):
   source = datasets.source_dataset(config.data, data_dir, "train", 0, 1, preprocess.SkipCounter())
   assert captions == [example["caption"].decode() for example in source.take(10).as_numpy_iterator()]
   assert len(datasets.captions(config.data, data_dir)) == NUM_SHAPES
+
+
+def test_dropped_examples_are_counted_and_logged(photo_folder, tmp_path, caplog):
+  for i in range(3):
+    (tmp_path / f"img{i}.png").write_bytes((pathlib.Path(photo_folder) / f"img{i:02d}.png").read_bytes())
+    (tmp_path / f"img{i}.txt").write_text(f"picture number {i}")
+  (tmp_path / "broken.png").write_bytes(b"not a png")
+  (tmp_path / "broken.txt").write_text("a broken picture")
+  config = _config("folder", global_batch=1, path=str(tmp_path))
+  iterator = pipeline.DataIterator(
+      pipeline.create_dataset(config, "", None, train=False, process_index=0, process_count=1))
+  with caplog.at_level(logging.WARNING):
+    captions = [batch["caption"][0] for batch in iterator]
+  assert sorted(captions) == [f"picture number {i}".encode() for i in range(3)]
+  assert iterator.skip_counter.counts()["undecodable_image"] == 1
+  assert "skipped 1 examples" in caplog.text
