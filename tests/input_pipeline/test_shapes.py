@@ -171,6 +171,8 @@ def test_feature_spec_and_split_sizes(tiny_builder, tiny_splits, tiny_data_dir):
       "train": 300, "validation": 60, "test": 120}
   loaded = tfds.builder("shapes", data_dir=str(tiny_data_dir), config=TINY)
   assert isinstance(loaded, shapes.Shapes)
+  shuffled = loaded.as_dataset(split="train", shuffle_files=True)  # not an ordered dataset
+  assert next(iter(shuffled))["image"].shape == (64, 64, 3)
   assert loaded.info.splits["train"].num_examples == 300
   assert loaded.info.metadata["held_out_colour_shapes"] == [
       list(pair) for pair in shapes.HELD_OUT_COLOUR_SHAPES]

@@ -1,5 +1,6 @@
 """The shapes oracle reads back the dataset's own renders, clean and degraded like a dVAE's."""
 
+import functools
 import io
 
 import numpy as np
@@ -29,11 +30,11 @@ def _as_stored(example):
   return dict(example, objects=objects, relation=sr.RELATIONS.index(example["relation"]))
 
 
-@pytest.fixture(scope="module")
-def scenes_64():
+@functools.cache
+def _renders(image_size, count=300):
   rng = np.random.default_rng(11)
-  scenes = [sr.sample_scene(rng, 64) for _ in range(400)]
-  return [(sr.render(scene, 64), scene) for scene in scenes]
+  scenes = [sr.sample_scene(rng, image_size) for _ in range(count)]
+  return [(sr.render(scene, image_size), scene) for scene in scenes]
 
 
 @pytest.mark.parametrize("image_size,count", [(64, 2000), (32, 500)])
@@ -56,19 +57,21 @@ def test_agrees_with_stored_attributes_of_the_dataset(image_size, count):
   assert np.mean(np.array(centre_errors) <= 1) >= 0.99
 
 
-@pytest.mark.parametrize("degradation", ["noise", "blur", "jpeg", "colour_shift", "dvae_like"])
-def test_robust_to_reconstruction_like_degradations(scenes_64, degradation):
+# Measured on these 300 scenes: 1.0 for every 64 px case; 32 px dvae_like ~0.95 (8 px
+# objects blurred by sigma 0.7 and JPEG-subsampled lose their corners).
+@pytest.mark.parametrize("image_size,degradation,floor", [
+    (64, "noise", 0.95), (64, "blur", 0.95), (64, "jpeg", 0.95), (64, "colour_shift", 0.95),
+    (64, "dvae_like", 0.95), (32, "dvae_like", 0.9)])
+def test_robust_to_reconstruction_like_degradations(image_size, degradation, floor):
   rng = np.random.default_rng(1)
+  renders = _renders(image_size)
   kwargs = oracle.DEGRADATIONS[degradation]
-  degraded = [(oracle.degrade(image, rng, **kwargs), scene) for image, scene in scenes_64]
-  if degradation == "dvae_like":
-    # The degradation really changes pixels: ~ the noise level on average.
-    errors = [np.abs(d.astype(float) - i).mean() for (d, _), (i, _) in zip(degraded, scenes_64)]
-    assert np.mean(errors) > 4
+  degraded = [(oracle.degrade(image, rng, **kwargs), scene) for image, scene in renders]
+  errors = [np.abs(d.astype(float) - i).mean() for (d, _), (i, _) in zip(degraded, renders)]
+  assert np.mean(errors) > 1  # the degradation really changes pixels
   accuracy = oracle.accuracy(oracle.score(image, scene) for image, scene in degraded)
-  print(degradation, accuracy)
-  assert accuracy["all"] >= 0.95, accuracy
-  assert min(accuracy.values()) >= 0.95, accuracy
+  print(image_size, degradation, accuracy)
+  assert min(accuracy.values()) >= floor, accuracy
 
 
 def test_scores_a_caption_and_flags_each_wrong_attribute():
