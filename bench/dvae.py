@@ -1,0 +1,166 @@
+r"""dVAE encode/decode throughput on this CPU: mmjax (JAX, jit, f32) vs OpenAI's dall_e (PyTorch).
+
+  .venv/bin/python bench/dvae.py                      # both sizes, 3 timed repeats
+  .venv/bin/python bench/dvae.py --cases=small --repeats=5
+
+Both frameworks run in this process on the same random weights (dall_e's, converted with
+mmjax.tools.convert_openai_dvae) and the same inputs; outputs are checked to agree first. Each
+call is warmed up once (JAX compiles there), then the repeats alternate JAX and PyTorch so both
+see the same background load; images/s comes from the best repeat (noise from other processes
+only ever adds time) and the median is reported next to it. PyTorch keeps its default thread
+count. Prints a markdown table and writes bench/results/dvae.json.
+"""
+
+import os
+
+import pathlib
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from dall_e import Decoder as TorchDecoder, Encoder as TorchEncoder  # noqa: E402
+
+from mmjax.models import dvae  # noqa: E402
+from mmjax.tools import convert_openai_dvae  # noqa: E402
+
+# name: (n_hid, vocab_size, image_size, batch)
+CASES = {
+    "small": (64, 512, 64, 8),
+    "full": (256, 8192, 256, 1),
+}
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "dvae.json"
+
+_CASES = flags.DEFINE_list("cases", list(CASES), f"Which of {list(CASES)} to run.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats per call (after one warm-up).")
+_OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
+
+
+def torch_models(n_hid, vocab_size, seed=0):
+  torch.manual_seed(seed)
+  encoder = TorchEncoder(n_hid=n_hid, vocab_size=vocab_size).eval()
+  decoder = TorchDecoder(n_hid=n_hid, vocab_size=vocab_size).eval()
+  with torch.no_grad():  # dall_e initialises biases to zero; random ones exercise them too
+    for module in (encoder, decoder):
+      for name, param in module.named_parameters():
+        if name.endswith(".b"):
+          param.normal_(std=0.05)
+  return encoder, decoder
+
+
+def state_dict(module):
+  return {k: v.numpy() for k, v in module.state_dict().items()}
+
+
+def timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def bench_case(name, n_hid, vocab_size, image_size, batch, repeats):
+  torch_encoder, torch_decoder = torch_models(n_hid, vocab_size)
+  params, config = convert_openai_dvae.convert(state_dict(torch_encoder), state_dict(torch_decoder))
+  model = dvae.from_model_config(config, dtype="float32")
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=dvae.DVAE.encode))
+  decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=dvae.DVAE.decode))
+  params = jax.device_put(params)
+
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.1, 0.9, (batch, image_size, image_size, 3)).astype(np.float32)
+  grid = image_size // 8
+  codes = np.eye(vocab_size, dtype=np.float32)[rng.integers(0, vocab_size, (batch, grid, grid))]
+  images_jax, codes_jax = jnp.asarray(images), jnp.asarray(codes)
+  images_torch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  codes_torch = torch.from_numpy(np.ascontiguousarray(codes.transpose(0, 3, 1, 2)))
+
+  calls = {
+      "encode": (lambda: encode(params, images_jax).block_until_ready(),
+                 lambda: torch_encoder(images_torch)),
+      "decode": (lambda: decode(params, codes_jax).block_until_ready(),
+                 lambda: torch_decoder(codes_torch)),
+  }
+  rows = []
+  with torch.inference_mode():
+    for call, (jax_fn, torch_fn) in calls.items():
+      jax_out, torch_out = np.asarray(jax_fn()), torch_fn().numpy().transpose(0, 2, 3, 1)  # warm-up
+      rel_error = float(np.abs(jax_out - torch_out).max() / np.abs(torch_out).max())
+      jax_times, torch_times = [], []
+      for _ in range(repeats):
+        jax_times.append(timed(jax_fn))
+        torch_times.append(timed(torch_fn))
+      row = {
+          "case": name, "call": call, "n_hid": n_hid, "vocab_size": vocab_size, "image_size": image_size,
+          "batch": batch, "max_rel_error": rel_error,
+          "jax_images_per_s": batch / min(jax_times), "torch_images_per_s": batch / min(torch_times),
+          "jax_median_images_per_s": batch / statistics.median(jax_times),
+          "torch_median_images_per_s": batch / statistics.median(torch_times),
+          "jax_times_s": jax_times, "torch_times_s": torch_times,
+      }
+      row["ratio"] = row["jax_images_per_s"] / row["torch_images_per_s"]
+      rows.append(row)
+      print(f"{name} {call}: jax {row['jax_images_per_s']:.3g} img/s, torch {row['torch_images_per_s']:.3g} "
+            f"img/s, ratio {row['ratio']:.2f} (max rel error {rel_error:.1e})", flush=True)
+  return rows
+
+
+def table(rows):
+  lines = ["| case | call | n_hid | vocab | image | batch | JAX img/s (median) | PyTorch img/s (median) "
+           "| JAX/PyTorch |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['case']} | {r['call']} | {r['n_hid']} | {r['vocab_size']} | {r['image_size']} | "
+                 f"{r['batch']} | {r['jax_images_per_s']:.3g} ({r['jax_median_images_per_s']:.3g}) | "
+                 f"{r['torch_images_per_s']:.3g} ({r['torch_median_images_per_s']:.3g}) | {r['ratio']:.2f} |")
+  return "\n".join(lines)
+
+
+def cpu_name():
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_CASES.value) - set(CASES))
+  if unknown:
+    raise app.UsageError(f"--cases: unknown {unknown}, expected some of {list(CASES)}")
+  load_before = os.getloadavg()
+  rows = []
+  for name in _CASES.value:
+    rows.extend(bench_case(name, *CASES[name], repeats=_REPEATS.value))
+  command = " ".join([".venv/bin/python", "bench/dvae.py"] + sys.argv[1:])
+  environment = {
+      "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+      "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
+      "jax_devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average_before": load_before, "load_average_after": os.getloadavg(),
+  }
+  print()
+  print(table(rows))
+  print(f"\nimages/s from the best of {_REPEATS.value} repeats (median in brackets); "
+        f"torch threads {environment['torch_threads']}; load average before/after "
+        f"{load_before[0]:.1f}/{environment['load_average_after'][0]:.1f}.\nReproduce: `{command}`")
+  output = pathlib.Path(_OUTPUT.value)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps({"command": command, "environment": environment, "rows": rows}, indent=1))
+  print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+  app.run(main)
