@@ -5,13 +5,14 @@
   folder         image files with .txt captions beside them (user_data.folder_dataset)
   tfrecord       img2dataset-style TFRecords with jpg/txt keys (user_data.tfrecord_dataset)
 
-Every source yields {"image": uint8 [H, W, 3], "caption": tf.string}. TFDS splits are divided
-between processes with `tfds.split_for_jax_process` (disjoint, together the whole split, sizes
-differing by at most one); file order is fixed, or shuffled by `seed` when one is given.
+Every source yields {"image": uint8 [H, W, 3], "caption": tf.string}, or with decode_images=False
+the encoded image bytes as a tf.string "image". TFDS splits are divided between processes with
+`tfds.split_for_jax_process` (disjoint, together the whole split, sizes differing by at most one);
+file order is fixed, or shuffled by `seed` when one is given (TFDS and TFRecord files).
 
-TFDS datasets are built into `data_dir` on first use, by whichever process gets there. Give each
-host its own local `data_dir`, or build once (e.g. `tfds_builder` on one machine) before a
-multi-host run shares a directory, so that hosts do not race to write the same files.
+TFDS datasets are built into `data_dir` on first use, by whichever process gets there. Trainers call
+`mmjax.train.workdir.prepare_data` first, which builds on process 0 while the others wait, so hosts
+sharing a directory do not race to write the same files.
 """
 
 from absl import logging
@@ -49,10 +50,12 @@ def source_dataset(data_config, data_dir, split, process_index, process_count, c
                    decode_images=True):
   """This process's part of `split` as {"image": uint8 [H, W, 3], "caption": tf.string}, one pass.
 
-  counter: a preprocess.SkipCounter for examples the folder/tfrecord readers cannot decode.
+  counter: a preprocess.SkipCounter for examples the folder/tfrecord readers drop (empty captions,
+    missing files and, when they decode, undecodable images).
   seed: shuffles the order files are read in (None: a fixed order, e.g. for evaluation).
-  decode_images=False lets TFDS sources yield the stored PNG/JPEG bytes (a tf.string "image")
-  for the caller to decode later, e.g. after a shuffle buffer that should stay small.
+  decode_images=False yields the stored image bytes (a tf.string "image") for the caller to decode
+  later, e.g. after a shuffle buffer that should stay small. TFDS bytes always decode; folder and
+  TFRecord bytes may not: decode them with preprocess.try_decode_image and count the failures.
   """
   name = data_config.name
   if not 0 <= process_index < process_count:
@@ -75,8 +78,11 @@ def source_dataset(data_config, data_dir, split, process_index, process_count, c
     if not data_config.path:
       raise ConfigError(f"config.data.path is empty; data.name={name!r} needs a folder or a TFRecord glob")
     from mmjax.input_pipeline import user_data  # pylint: disable=g-import-not-at-top
-    read = user_data.folder_dataset if name == "folder" else user_data.tfrecord_dataset
-    return read(data_config.path, process_index, process_count, counter)
+    if name == "folder":
+      return user_data.folder_dataset(data_config.path, process_index, process_count, counter,
+                                      decode=decode_images)
+    return user_data.tfrecord_dataset(data_config.path, process_index, process_count, counter,
+                                      decode=decode_images, seed=seed)
   raise ConfigError(f"config.data.name={name!r}: expected one of {NAMES}")
 
 

@@ -59,7 +59,8 @@ def resize_and_crop(image: tf.Tensor, size: int, random_crop: bool = False,
 
   The crop is centred, or with `random_crop` placed at random along the longer side by stateless
   ops keyed on `seed` (shape [2] ints; see `element_seed`), so the same seed gives the same crop.
-  Cropping the square first and resizing it after gives the same picture at a fraction of the cost.
+  Cropping the square first and resizing it after gives the same picture at a fraction of the cost;
+  a square that already has `size` pixels a side is returned as it is, without a resize.
   """
   height, width, channels = tf.unstack(tf.shape(image))
   side = tf.minimum(height, width)
@@ -70,8 +71,14 @@ def resize_and_crop(image: tf.Tensor, size: int, random_crop: bool = False,
   else:
     top, left = (height - side) // 2, (width - side) // 2
     square = image[top:top + side, left:left + side]
-  resized = tf.image.resize(square, [size, size], method="bilinear", antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+  def resize():
+    resized = tf.image.resize(square, [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+  output = tf.cond(tf.equal(side, size), lambda: tf.cast(square, tf.uint8), resize)
+  output.set_shape([size, size, image.shape[-1]])
+  return output
 
 
 def element_seed(seed: int, *indices) -> tf.Tensor:

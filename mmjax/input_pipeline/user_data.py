@@ -17,6 +17,11 @@ Images that cannot be decoded and captions that are empty after whitespace clean
 counted in the `SkipCounter`; so are listed images that do not exist and images without a caption
 file (counted once, when the dataset is built). Captions keep their case; runs of whitespace become
 one space.
+
+`decode=False` yields the encoded file bytes instead (a tf.string "image"; empty captions are still
+dropped): a training pipeline shuffles those, a few KB each rather than a decoded image, and decodes
+after its shuffle buffer with `preprocess.try_decode_image`, counting what fails there. With a
+`seed`, `tfrecord_dataset` reads its files in an order shuffled by that seed, anew on each pass.
 """
 
 import csv
@@ -39,9 +44,12 @@ _AUTOTUNE = tf.data.AUTOTUNE
 
 # ----------------------------------------------------------------------------- public
 
-def folder_dataset(path: str, process_index: int, process_count: int,
-                   counter: SkipCounter) -> tf.data.Dataset:
-  """Images + captions from a folder (index file or sidecar .txt files); this host's part only."""
+def folder_dataset(path: str, process_index: int, process_count: int, counter: SkipCounter,
+                   decode: bool = True) -> tf.data.Dataset:
+  """Images + captions from a folder (index file or sidecar .txt files); this host's part only.
+
+  decode=False: "image" holds the file's bytes, undecoded (see the module docstring).
+  """
   _check_process(process_index, process_count)
   if not tf.io.gfile.exists(path):
     raise DataError(f"config.data.path = {path!r} does not exist; expected a folder of images "
@@ -75,20 +83,29 @@ def folder_dataset(path: str, process_index: int, process_count: int,
   dataset = dataset.map(
       lambda ex: {"image_bytes": tf.io.read_file(ex["image_path"]), "caption": ex["caption"]},
       num_parallel_calls=_AUTOTUNE)
-  return _decode_and_drop_bad(dataset, counter)
+  return _drop_bad(dataset, counter, decode)
 
 
-def tfrecord_dataset(pattern: str, process_index: int, process_count: int,
-                     counter: SkipCounter) -> tf.data.Dataset:
-  """Images + captions from img2dataset-style TFRecord shards matching `pattern`; this host's."""
+def tfrecord_dataset(pattern: str, process_index: int, process_count: int, counter: SkipCounter,
+                     decode: bool = True, seed: int | None = None) -> tf.data.Dataset:
+  """Images + captions from img2dataset-style TFRecord shards matching `pattern`; this host's.
+
+  decode=False: "image" holds the stored bytes, undecoded. seed: shuffles the order this host
+  reads its files in, differently on each pass (None: sorted order). With fewer files than hosts
+  every host reads all files in sorted order and keeps every n-th record: then seeds, which differ
+  between hosts, would break that partition, so the order stays fixed.
+  """
   _check_process(process_index, process_count)
   files = sorted(tf.io.gfile.glob(pattern))
   if not files:
     raise DataError(f"config.data.path = {pattern!r} matches no files; expected TFRecord shards.")
   image_key, caption_key = _tfrecord_keys(files)
   if len(files) >= process_count:
-    records = tf.data.TFRecordDataset(files[process_index::process_count],
-                                      num_parallel_reads=_AUTOTUNE)
+    own_files = files[process_index::process_count]
+    host_files = tf.data.Dataset.from_tensor_slices(own_files)
+    if seed is not None:  # a buffer of every file name: a uniform permutation per pass
+      host_files = host_files.shuffle(len(own_files), seed=seed, reshuffle_each_iteration=True)
+    records = tf.data.TFRecordDataset(host_files, num_parallel_reads=_AUTOTUNE)
   else:  # too few files to give every host one: every host reads all, keeps every n-th record
     records = tf.data.TFRecordDataset(files).shard(process_count, process_index)
   features = {image_key: tf.io.FixedLenFeature([], tf.string, default_value=""),
@@ -98,24 +115,27 @@ def tfrecord_dataset(pattern: str, process_index: int, process_count: int,
     example = tf.io.parse_single_example(record, features)
     return {"image_bytes": example[image_key], "caption": example[caption_key]}
 
-  return _decode_and_drop_bad(records.map(parse, num_parallel_calls=_AUTOTUNE), counter)
+  return _drop_bad(records.map(parse, num_parallel_calls=_AUTOTUNE), counter, decode)
 
 
 # ----------------------------------------------------------------------------- decoding and drops
 
-def _decode_and_drop_bad(dataset: tf.data.Dataset, counter: SkipCounter) -> tf.data.Dataset:
-  """{"image_bytes", "caption"} -> {"image", "caption"}, dropping and counting bad examples."""
+def _drop_bad(dataset: tf.data.Dataset, counter: SkipCounter, decode: bool) -> tf.data.Dataset:
+  """{"image_bytes", "caption"} -> {"image", "caption"}, dropping and counting empty captions and,
+  when decoding, undecodable images; `decode=False` leaves "image" as the encoded bytes."""
   dataset = dataset.map(
       lambda ex: {**ex, "caption": tf.strings.strip(
           tf.strings.regex_replace(ex["caption"], r"\s+", " "))})
   dataset = counter.drop_unless(
       dataset, lambda ex: tf.strings.length(ex["caption"]) > 0, "empty_caption")
+  if not decode:
+    return dataset.map(lambda ex: {"image": ex["image_bytes"], "caption": ex["caption"]})
 
-  def decode(ex):
+  def decode_example(ex):
     image, ok = try_decode_image(ex["image_bytes"])
     return {"image": image, "caption": ex["caption"], "decoded": ok}
 
-  dataset = dataset.map(decode, num_parallel_calls=_AUTOTUNE)
+  dataset = dataset.map(decode_example, num_parallel_calls=_AUTOTUNE)
   dataset = counter.drop_unless(dataset, lambda ex: ex["decoded"], "undecodable_image")
   return dataset.map(lambda ex: {"image": ex["image"], "caption": ex["caption"]})
 

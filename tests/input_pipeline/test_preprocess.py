@@ -160,6 +160,30 @@ def test_resize_upsamples_tiny_digit_sized_images():
   assert (out[:, :14] == 0).all() and (out[:, 18:] == 200).all()
 
 
+def test_squares_already_at_size_skip_the_resize(monkeypatch):
+  resizes = []
+  real_resize = tf.image.resize
+  monkeypatch.setattr(tf.image, "resize", lambda *a, **k: resizes.append(1) or real_resize(*a, **k))
+  noise = small_rgb(shape=(16, 22, 3))
+  out = preprocess.resize_and_crop(tf.constant(noise), 16).numpy()
+  np.testing.assert_array_equal(out, noise[:, 3:19])  # the centre crop, every pixel kept
+  square = preprocess.resize_and_crop(tf.constant(noise[:, :16]), 16).numpy()
+  np.testing.assert_array_equal(square, noise[:, :16])
+  assert not resizes
+  assert preprocess.resize_and_crop(tf.constant(noise), 8).shape == (8, 8, 3)
+  assert len(resizes) == 1
+
+  # inside tf.data, where image sizes are unknown until run time, the shape stays static
+  dataset = tf.data.Dataset.from_generator(
+      lambda: iter([noise, noise[:12, :12]]), output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+  dataset = dataset.map(lambda image: preprocess.resize_and_crop(image, 16))
+  assert dataset.element_spec.shape == (16, 16, 3)
+  same_size, upsampled = list(dataset.as_numpy_iterator())
+  np.testing.assert_array_equal(same_size, noise[:, 3:19])
+  np.testing.assert_array_equal(
+      upsampled, tf.cast(tf.round(real_resize(noise[:12, :12], [16, 16], antialias=True)), tf.uint8))
+
+
 def test_random_crop_is_a_seeded_window_of_the_image():
   columns = np.arange(16, dtype=np.uint8) * 15
   image = np.broadcast_to(columns[None, :, None], (4, 16, 3)).copy()

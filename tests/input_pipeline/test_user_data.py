@@ -204,6 +204,44 @@ def test_tfrecords_decode_and_count_bad_records(tmp_path):
   assert counter.counts() == {"empty_caption": 1, "undecodable_image": 3}
 
 
+def test_undecoded_sources_give_the_stored_bytes_and_drop_only_empty_captions(tmp_path):
+  images = good_and_bad_images()
+  caption_of = {name: f"caption of {name}" for name in images}
+  captions = {os.path.splitext(n)[0] + ".txt": c for n, c in caption_of.items()}
+  captions["gray.txt"] = " \n "
+  write_files(tmp_path / "folder", {**images, **captions})
+  write_tfrecords(tmp_path / "shard", [(images[n], captions[os.path.splitext(n)[0] + ".txt"])
+                                       for n in images], num_files=2)
+  for read in (lambda c: folder_dataset(str(tmp_path / "folder"), 0, 1, c, decode=False),
+               lambda c: tfrecord_dataset(str(tmp_path / "shard-*"), 0, 1, c, decode=False)):
+    counter = SkipCounter()
+    dataset = read(counter)
+    assert dataset.element_spec["image"].dtype == tf.string
+    examples = {ex["caption"].decode(): ex["image"] for ex in dataset.as_numpy_iterator()}
+    # every image but the blank-captioned one, decodable or not, as the exact bytes stored
+    assert examples == {caption_of[n]: images[n] for n in images if n != "gray.png"}
+    assert {reason: n for reason, n in counter.counts().items() if n} == {"empty_caption": 1}
+
+
+def test_tfrecord_file_order_is_shuffled_by_the_seed_each_pass(tmp_path):
+  examples = [(png_bytes(np.full((2, 2, 3), i, np.uint8)), f"record {i}") for i in range(16)]
+  write_tfrecords(tmp_path / "part", examples, num_files=8)  # file f holds records f and f + 8
+
+  def passes(seed, count=2):
+    dataset = tfrecord_dataset(str(tmp_path / "part-*"), 0, 1, SkipCounter(), decode=False,
+                               seed=seed).map(lambda ex: ex["caption"]).repeat(count)
+    captions = [c.decode() for c in dataset.as_numpy_iterator()]
+    return captions[:16], captions[16:]
+
+  first, second = passes(seed=3)
+  assert sorted(first) == sorted(second) == sorted(caption for _, caption in examples)
+  assert first != second  # a new file order on each pass
+  assert passes(seed=3) == (first, second)
+  assert passes(seed=4)[0] != first
+  unshuffled, again = passes(seed=None)
+  assert unshuffled == again != first
+
+
 @pytest.mark.parametrize("num_files,num_hosts", [(4, 2), (2, 3)])  # by file, then by record
 def test_tfrecord_hosts_read_disjoint_parts(tmp_path, num_files, num_hosts):
   examples = [(png_bytes(np.full((2, 3, 3), i, np.uint8)), f"pixel value {i}") for i in range(10)]
