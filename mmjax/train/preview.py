@@ -20,8 +20,9 @@ def run(config, workdir):
   mesh = sharding.create_mesh(config.mesh)
   logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
 
+  data_dir = workdir_lib.prepare_data(config, workdir)  # before the tokenizer, which may read captions
   tokenizer = workdir_lib.ensure_tokenizer(config, workdir)
-  dataset = pipeline.create_dataset(config, workdir_lib.data_dir(config, workdir), tokenizer, train=True)
+  dataset = pipeline.create_dataset(config, data_dir, tokenizer, train=True)
   local_batch = next(pipeline.DataIterator(dataset))
 
   arrays = {k: local_batch[k] for k in ("image", "text_tokens")}

@@ -10,6 +10,25 @@ def data_dir(config, workdir):
   return config.data.data_dir or os.path.join(workdir, "tfds")
 
 
+def prepare_data(config, workdir):
+  """Builds the configured TFDS dataset into data_dir on process 0 while the others wait; returns
+  data_dir.
+
+  Run it on every process before anything reads the data: hosts sharing data_dir (a network disk)
+  then never race to write the same files, and all of them find it built. A host whose data_dir is
+  its own local disk still builds its copy on first use, as before. Folder / TFRecord data and a
+  dataset already built need nothing: TFDS finds the finished build and leaves it as it is.
+  """
+  from mmjax.input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  directory = data_dir(config, workdir)
+  if config.data.name not in datasets.TFDS_NAMES:
+    return directory
+  if jax.process_index() == 0:
+    datasets.tfds_builder(config.data, directory)
+  _wait_for_all_processes("prepare_data")
+  return directory
+
+
 def tokenizer_path(config, workdir):
   return config.tokenizer.model_path or os.path.join(workdir, "tokenizer", "spm.model")
 
