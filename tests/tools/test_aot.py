@@ -70,7 +70,7 @@ def test_smaller_hbm_budget_exits_non_zero_after_the_report():
   result = _aot(f"{CONFIG}:tiny", "--topology=v5e:2x2", "--hbm_gib=0.0001")
   assert result.returncode == 1
   assert "DOES NOT FIT" in result.stdout
-  assert re.fullmatch(r"mmjax.tools.aot: does not fit v5e:2x2: [\d.]+ KiB per device > 104.86 KiB HBM "
+  assert re.fullmatch(r"mmjax.tools.aot: does not fit v5e:2x2: [\d.]+ [KM]iB per device > 104.86 KiB HBM "
                       r"per TPU v5 lite device", _last_error_line(result))
 
 
