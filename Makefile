@@ -22,11 +22,12 @@ $(VENV)/.installed-demo: setup.cfg pyproject.toml | $(PY)
 	$(PIP) install -q --no-deps clip-benchmark==1.6.2
 	touch $@
 
-# dall-e is the reference the dVAE parity tests compare against; its declared dependencies
-# (torchvision, blobfile, mypy, ...) are not needed to import its modules, hence --no-deps.
+# dall-e and clip-anytorch are the references the dVAE and CLIP parity tests compare against;
+# their declared dependencies (torchvision, blobfile, ...) are not needed to load the modules
+# the tests use (dall_e; clip/model.py and clip/simple_tokenizer.py from their files), hence --no-deps.
 $(VENV)/.installed-test: $(VENV)/.installed-demo
 	$(PIP) install -q -e ".[test,aot,convert]"
-	$(PIP) install -q --no-deps dall-e==0.1
+	$(PIP) install -q --no-deps dall-e==0.1 clip-anytorch==2.6.0
 	touch $@
 
 demo: $(VENV)/.installed-demo
