@@ -91,9 +91,9 @@ def tfrecord_dataset(pattern: str, process_index: int, process_count: int, count
   """Images + captions from img2dataset-style TFRecord shards matching `pattern`; this host's.
 
   decode=False: "image" holds the stored bytes, undecoded. seed: shuffles the order this host
-  reads its files in, differently on each pass (None: sorted order). With fewer files than hosts
-  every host reads all files in sorted order and keeps every n-th record: then seeds, which differ
-  between hosts, would break that partition, so the order stays fixed.
+  reads its files in, differently on each pass (None: sorted order). With fewer files than hosts,
+  every host reads all files and keeps every n-th record; that partition needs the same file order
+  on every host, so the order then stays sorted whatever the (per-host) seed.
   """
   _check_process(process_index, process_count)
   files = sorted(tf.io.gfile.glob(pattern))
