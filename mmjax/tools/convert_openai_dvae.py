@@ -22,10 +22,9 @@ Key mapping (dall_e OIHW `w`/`b` → mmjax HWIO `kernel`/`bias`):
 """
 
 import os
-import pickle
 import re
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,45 +33,16 @@ from flax.core import meta
 from mmjax import cli
 from mmjax.errors import DataError
 from mmjax.models import dvae
+from mmjax.tools import torch_weights
 
 _BLOCK_KEY = re.compile(r"blocks\.group_(\d+)\.block_(\d+)\.")
 
 
-def _not_torch(path, error):
-  reason = " ".join(str(error).split())[:200]
-  return DataError(f"{path}: not a torch save file ({type(error).__name__}: {reason})")
-
-
 def load_state_dict(path):
   """{key: float32 numpy array} from a pickled dall_e module or a saved state_dict; DataError otherwise."""
-  import torch  # pylint: disable=g-import-not-at-top  (only the converter needs torch)
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file")
-  try:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError:
-    # A pickled nn.Module (OpenAI's release format) needs full unpickling.
-    logging.info("%s: not a plain state_dict; unpickling it as a module", path)
-    try:
-      loaded = torch.load(path, map_location="cpu", weights_only=False)
-    except (ModuleNotFoundError, AttributeError) as e:
-      raise DataError(f"{path}: unpickling needs the module that defined it ({e}); "
-                      "install OpenAI's dall_e package or convert a state_dict instead") from e
-    except Exception as e:  # pylint: disable=broad-except
-      raise _not_torch(path, e) from e
-  except Exception as e:  # torch raises RuntimeError/EOFError/... for files that are not torch saves
-    raise _not_torch(path, e) from e
-  if isinstance(loaded, torch.nn.Module):
-    loaded = loaded.state_dict()
-  if not isinstance(loaded, dict):
-    raise DataError(f"{path}: holds a {type(loaded).__name__}, expected a dall_e Encoder/Decoder module "
-                    "or a state_dict")
-  state = {}
-  for key, value in loaded.items():
-    if not isinstance(value, torch.Tensor):
-      raise DataError(f"{path}: key {key!r} holds a {type(value).__name__}, expected a tensor")
-    state[key] = value.detach().cpu().float().numpy()
-  return state
+  return torch_weights.load_state_dict(
+      path, expected="a dall_e Encoder/Decoder module or a state_dict",
+      module_hint="install OpenAI's dall_e package or convert a state_dict instead")
 
 
 def _tensor(state, key, ndim, source):
