@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.errors import DataError
+from mmjax.models import model_config as model_config_lib
 from mmjax.models import layers
 
 KIND = "clip"
@@ -220,35 +221,14 @@ INFO_FIELDS = ("kind", "source")
 
 def model_config(module, **info):
   """The module's fields as a JSON-able dict with `"kind": "clip"` (plus `info`, e.g. source)."""
-  config = {"kind": KIND}
-  for field in MODEL_FIELDS:
-    value = getattr(module, field)
-    config[field] = jnp.dtype(value).name if field.endswith("dtype") else value
-  unknown = sorted(set(info) - set(INFO_FIELDS))
-  if unknown:
-    raise ValueError(f"model_config: unknown info fields {unknown}, expected some of {INFO_FIELDS}")
-  config.update(info)
-  return config
+  return model_config_lib.to_dict(module, KIND, MODEL_FIELDS, INFO_FIELDS, info)
 
 
 def from_model_config(config: Mapping[str, Any], **overrides) -> CLIP:
   """Rebuilds a CLIP from `model_config`'s dict (or a `config.model` ConfigDict); `overrides`
   replace fields (e.g. dtype="float32" for CPU inference, scan_layers=True together with
   `layers.stack_layers(params)`)."""
-  config = dict(config)
-  config.update(overrides)
-  if config.get("kind") != KIND:
-    raise DataError(f"model config kind={config.get('kind')!r}, expected {KIND!r}")
-  unknown = sorted(set(config) - set(MODEL_FIELDS) - set(INFO_FIELDS))
-  if unknown:
-    raise DataError(f"clip model config has unknown fields {unknown}; expected some of {MODEL_FIELDS}")
-  fields = {k: v for k, v in config.items() if k in MODEL_FIELDS}
-  for field in ("dtype", "param_dtype"):
-    if field in fields:
-      try:
-        fields[field] = jnp.dtype(fields[field])
-      except TypeError as e:
-        raise DataError(f"clip model config {field}={fields[field]!r} is not a dtype name") from e
+  fields = model_config_lib.module_kwargs(config, overrides, KIND, MODEL_FIELDS, INFO_FIELDS)
   if fields.get("activation", "quick_gelu") not in layers.ACTIVATIONS:
     raise DataError(f"clip model config activation={fields['activation']!r}, expected one of "
                     f"{layers.ACTIVATIONS}")
