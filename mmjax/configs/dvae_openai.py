@@ -31,6 +31,45 @@ def model_config():
   })
 
 
+def training_config(config, num_train_steps=3_000_000, learning_rate=1e-4, warmup_steps=2000,
+                    decay_steps=1_200_000, end_learning_rate=1.25e-6, temperature_steps=150_000,
+                    kl_weight=6.6, kl_warmup_steps=5000, ema_decay=0.999, min_log_scale=None):
+  """The dVAE trainer's fields (mmjax/train/dvae.py), by default the paper's recipe (DALL·E §A.2):
+  3M updates; AdamW β=(0.9, 0.999), ε=1e-8, weight decay 1e-4, step size cosine-annealed
+  1e-4 → 1.25e-6 over 1.2M updates (the 2k-step linear warmup is ours); gumbel-softmax
+  temperature cosine-annealed 1 → 1/16 over 150k updates; KL weight β linear 0 → 6.6 over 5k
+  updates; EMA decay 0.999. Tiny configs call this with scaled lengths."""
+  config.trainer = "dvae"
+  config.num_train_steps = num_train_steps
+  config.optimizer = ml_collections.ConfigDict({
+      "learning_rate": learning_rate,       # peak, reached after a linear warmup from 0
+      "warmup_steps": warmup_steps,
+      "decay_steps": decay_steps,           # the cosine ends here (counted from step 0), then flat
+      "end_learning_rate": end_learning_rate,
+      "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+      "weight_decay": 1e-4,                 # decoupled; not on biases
+      "grad_clip_norm": 0.0,                # 0 = no clipping
+  })
+  config.ema_decay = ema_decay              # EMA of the params: eval and export use it
+  config.temperature = ml_collections.ConfigDict({  # gumbel-softmax τ, cosine start → end
+      "start": 1.0, "end": 1.0 / 16, "anneal_steps": temperature_steps})
+  config.kl = ml_collections.ConfigDict({   # β, linear 0 → weight
+      "weight": kl_weight, "warmup_steps": kl_warmup_steps})
+  # Floor on the logit-Laplace log-scale (None: none). Images with exactly flat regions (the
+  # synthetic shapes) otherwise buy unbounded likelihood there; see dvae.floor_log_scale.
+  config.min_log_scale = ml_collections.config_dict.placeholder(float)
+  config.min_log_scale = min_log_scale
+  config.eval_split = "validation"
+  config.eval_batches = 0                   # 0 = the whole split
+  config.eval_every_steps = 10_000
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.grid_images = 16                   # originals in each reconstructions/step_N.png
+  config.grid_columns = 8
+  return config
+
+
 def get_config():
   config = common.base_config()
   config.trainer = "dvae"
@@ -42,4 +81,7 @@ def get_config():
   config.data.pixel_map = "dvae"
   config.tokenizer = common.tokenizer_config(vocab_size=16384)
   config.model = model_config()
+  training_config(config)
+  # TFRecords/folders have no validation split: eval reads these many batches of the data.
+  config.eval_batches = 4
   return config

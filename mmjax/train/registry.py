@@ -12,6 +12,7 @@ from mmjax.errors import ConfigError
 
 TRAINERS = {
     "preview": "mmjax.train.preview",
+    "dvae": "mmjax.train.dvae",
     "dvae_encode": "mmjax.train.dvae_encode",
 }
 
