@@ -10,15 +10,17 @@ tokens in row-major (raster) order, L = text_length + grid_size². Masks are boo
     "row"     keys in the query's row: the row so far, including the query itself
     "column"  keys in the query's column: the same column in this and every earlier row
     "conv"    keys in the kernel_size×kernel_size window centred on the query (|Δr|, |Δc| ≤ k//2)
-              that precede it in raster order: the k//2 rows above (2·(k//2)+1 columns wide), and
-              the k//2 keys to the left in the query's own row, plus the query itself
+              that precede it in raster order: the k//2 rows above (k columns, clipped at the
+              edges), the k//2 keys to its left in its own row, and the query itself
 
-These are the masks of the DALL·E paper (Ramesh et al. 2021, appendix B.1, Fig. 11): row and column
-attention alternate through the stack and the last layer uses convolutional attention, 11×11 at full
-size. Row and column are taken literally as "same row" / "same column" of the raster grid (the paper's
-figure draws the column mask after transposing the image so it is also a band; a transpose changes the
-block layout, not which keys a query sees). Every query sees itself, so no row of a mask is empty and
-the softmax is always defined.
+These follow the DALL·E paper (Ramesh et al. 2021, appendix B.1 and Fig. 11): every image token sees
+all text, text is causal, row and column attention alternate through the stack and the last layer
+uses convolutional attention, 11×11 at full size. Row and column are the axial reading (same raster
+row / same column, causal); the paper's small figure can also be read as a row mask that slides over
+the previous grid_size tokens across row boundaries (the Sparse Transformer's local head), which is
+not what this module does. The paper runs column layers on transposed image states (Fig. 11c); the
+splash kernel does the same (`transpose_image`), which changes the block layout, not which keys a
+query sees. Every query sees itself, so no row of a mask is empty and the softmax is always defined.
 
 Layer schedule: layer i (1-based) of n uses "column" when (i − 2) mod 4 = 0, "row" otherwise, and the
 last layer uses "conv". A scanned stack carries the per-layer pattern id (`layer_pattern_ids`) and
@@ -27,16 +29,19 @@ the attention function selects the mask (dense) or the kernel (splash) from it.
 Kernels, behind one `make_attention_fn(kind, ...)` returning `fn(query, key, value, pattern_id)`:
   "dense"   XLA softmax attention with the selected [L, L] mask (CPU, GPU, TPU); compute is L².
   "splash"  TPU splash attention (Pallas): each pattern is a block-sparse mask, so blocks of the
-            [L, L] grid that are all False are never computed. `block_counts` says how many are.
+            [L, L] grid that are all False are never computed. `block_counts` says how many are:
+            at full size (1280 tokens, blocks of 128) row and column 27 of 100, conv 40, causal 55.
 """
 
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
 
 from mmjax.models import layers
 
@@ -45,7 +50,7 @@ KINDS = ("dense", "splash")
 
 
 def layer_patterns(num_layers):
-  """The pattern of each layer (index 0 = layer 1): column when (i − 2) mod 4 = 0, else row; last conv."""
+  """Each layer's pattern (index 0 = layer 1): column when (i − 2) mod 4 = 0, else row; the last conv."""
   if num_layers < 1:
     raise ValueError(f"layer_patterns: num_layers={num_layers}, expected ≥ 1")
   patterns = ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, num_layers + 1)]
@@ -116,11 +121,13 @@ def make_attention_fn(kind, text_length, grid_size, kernel_size=11, *, mesh=None
   dtype; softmax in f32; q is scaled by 1/√D.
 
   kind="dense": XLA attention with the mask gathered from the constant `mask_stack`.
-  kind="splash": TPU splash attention, one block-sparse kernel per pattern chosen with lax.switch,
-    inside `jax.shard_map` over the mesh axes that `rules` give `activation_batch` and
-    `activation_heads` (`mesh`/`rules` default to the ones in context: `jax.set_mesh`,
-    `nn.logical_axis_rules`; without a mesh it runs unsharded). L is padded up to a multiple of
-    `block_size` (a multiple of 128); `interpret=True` runs the Pallas kernel on the CPU (slow; tests).
+  kind="splash": TPU splash attention chosen with lax.switch: block-sparse row and conv kernels,
+    and column as the row kernel on transposed image tokens. It runs inside `jax.shard_map` over the
+    mesh axes that `rules` give `activation_batch` and `activation_heads` (`mesh`/`rules` default to
+    the ones in context: `jax.set_mesh`, `nn.logical_axis_rules`; without a mesh it runs unsharded);
+    a sequence sharded by `activation_length` is gathered first. L is padded up to a multiple of
+    `block_size` (a multiple of 128) with masked positions; `interpret=True` runs the Pallas kernel
+    on the CPU (tests).
   """
   if kind == "dense":
     return _dense_attention_fn(text_length, grid_size, kernel_size)
@@ -139,8 +146,15 @@ def _check_inputs(query, key, value, length):
                      f"{length} that the masks were built for")
 
 
-def _dense_attention_fn(text_length, grid_size, kernel_size):
+@functools.lru_cache(maxsize=16)
+def _constant_mask_stack(text_length, grid_size, kernel_size):
   masks = mask_stack(text_length, grid_size, kernel_size)
+  masks.flags.writeable = False  # shared between callers
+  return masks
+
+
+def _dense_attention_fn(text_length, grid_size, kernel_size):
+  masks = _constant_mask_stack(text_length, grid_size, kernel_size)
 
   def attend(query, key, value, pattern_id):
     _check_inputs(query, key, value, masks.shape[-1])
@@ -150,79 +164,152 @@ def _dense_attention_fn(text_length, grid_size, kernel_size):
   return attend
 
 
-def _padded_length(length, block_size):
-  if block_size % 128:
-    raise ValueError(f"splash attention: block_size={block_size} must be a multiple of 128 "
+# ----------------------------------------------------------------------------- splash (TPU)
+
+def transpose_image(x, text_length, grid_size):
+  """[B, L, ...] with the image tokens moved from row-major to column-major order (its own inverse).
+
+  Column attention in raster order is row attention in column-major order: (r', c) precedes (r, c)
+  in raster order exactly when r' ≤ r, i.e. when it precedes it in column-major order. The paper
+  (Fig. 11c) runs column layers on transposed image states for this reason; here it turns the
+  column mask's causal-triangle of blocks into the row mask's narrow band.
+  """
+  text, image = x[:, :text_length], x[:, text_length:]
+  grid = image.reshape(x.shape[0], grid_size, grid_size, *x.shape[2:]).swapaxes(1, 2)
+  return jnp.concatenate([text, grid.reshape(image.shape)], axis=1)
+
+
+def padded_length(length, block_size):
+  """`length` rounded up to a multiple of `block_size` (which must be a multiple of 128)."""
+  if block_size < 128 or block_size % 128:
+    raise ValueError(f"splash attention: block_size={block_size} must be a positive multiple of 128 "
                      "(the TPU lane width)")
   return -(-length // block_size) * block_size
 
 
 def padded_mask(pattern, text_length, grid_size, kernel_size, block_size):
-  """`dalle_mask` padded to a multiple of `block_size`. Padded queries see only themselves, so
-  every row is non-empty and real queries never see padded keys: real outputs are exact."""
+  """`dalle_mask` padded to a multiple of `block_size`. Padded queries see only themselves, so every
+  row is non-empty (no NaNs, forward or backward) and real queries never see padded keys: the real
+  outputs are exact."""
   mask = dalle_mask(pattern, text_length, grid_size, kernel_size)
   length = mask.shape[0]
-  padded = _padded_length(length, block_size)
+  padded = padded_length(length, block_size)
   out = np.zeros((padded, padded), np.bool_)
   out[:length, :length] = mask
   out[np.arange(length, padded), np.arange(length, padded)] = True
   return out
 
 
+def splash_masks(text_length, grid_size, kernel_size, block_size):
+  """pattern → the padded bool mask its splash kernel runs. "column" runs the row mask on
+  transposed image tokens (`transpose_image`)."""
+  row = padded_mask("row", text_length, grid_size, kernel_size, block_size)
+  conv = padded_mask("conv", text_length, grid_size, kernel_size, block_size)
+  return {"row": row, "column": row, "conv": conv}
+
+
+def _computed_blocks(mask, block_size):
+  blocks = mask.shape[0] // block_size
+  tiles = mask.reshape(blocks, block_size, blocks, block_size)
+  return int(tiles.any(axis=(1, 3)).sum()), blocks * blocks
+
+
+def block_counts(text_length, grid_size, kernel_size=11, block_size=128):
+  """{name: (blocks computed, blocks of the dense L×L grid)} for each splash kernel.
+
+  A block (block_size×block_size tile of the padded [L, L] mask) is computed when any entry in it is
+  True; splash skips the rest. Besides PATTERNS: "causal" (a plain causal mask, what a dense causal
+  kernel with block skipping computes) and "column_raster" (the column mask without the transpose).
+  """
+  masks = splash_masks(text_length, grid_size, kernel_size, block_size)
+  length = text_length + grid_size * grid_size
+  padded = padded_length(length, block_size)
+  causal = np.tril(np.ones((padded, padded), np.bool_))
+  column = padded_mask("column", text_length, grid_size, kernel_size, block_size)
+  counts = {name: _computed_blocks(mask, block_size) for name, mask in masks.items()}
+  counts["causal"] = _computed_blocks(causal, block_size)
+  counts["column_raster"] = _computed_blocks(column, block_size)
+  return counts
+
+
 def _block_sizes(block_size):
-  size = dict(block_q=block_size, block_kv=block_size, block_kv_compute=block_size)
-  return splash.BlockSizes(**size, block_q_dkv=block_size, block_kv_dkv=block_size,
-                           block_kv_dkv_compute=block_size, block_q_dq=block_size,
-                           block_kv_dq=block_size)
+  return splash.BlockSizes(
+      block_q=block_size, block_kv=block_size, block_kv_compute=block_size,
+      block_q_dkv=block_size, block_kv_dkv=block_size, block_kv_dkv_compute=block_size,
+      block_q_dq=block_size, block_kv_dq=block_size)
 
 
-def _context_mesh_and_rules(mesh, rules):
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-  if rules is None:
-    rules = nn.get_logical_axis_rules()
-  return mesh, tuple(rules)
+def make_splash_kernels(text_length, grid_size, kernel_size, block_size, heads, interpret=False):
+  """{"row", "conv"} → splash MHA kernels over [heads, L_padded, D] (column reuses "row").
+
+  Built afresh in each trace (the kernel holds its block metadata as arrays, which must belong to the
+  trace); the numpy work behind them is cached here and in splash (keyed by mask contents)."""
+  kernels = {}
+  for name, mask in _splash_numpy_masks(text_length, grid_size, kernel_size, block_size):
+    # Every head shares its layer's mask: splash keeps one copy of the block metadata.
+    kernels[name] = splash.make_splash_mha(
+        splash.MultiHeadMask((mask,) * heads), block_sizes=_block_sizes(block_size), head_shards=1,
+        q_seq_shards=1, interpret=interpret)
+  return kernels
+
+
+class _HashOnceMask(splash.NumpyMask):
+  """A NumpyMask of a read-only array that hashes it once: splash's metadata cache hashes every head's
+  mask on each lookup (62 × 1.6 MB at full size)."""
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.array.flags.writeable = False
+    self._hash = hash((type(self), self.array.tobytes()))
+
+  def __hash__(self):
+    return self._hash
+
+
+@functools.lru_cache(maxsize=8)
+def _splash_numpy_masks(text_length, grid_size, kernel_size, block_size):
+  masks = splash_masks(text_length, grid_size, kernel_size, block_size)
+  return tuple((name, _HashOnceMask(masks[name])) for name in ("row", "conv"))
 
 
 def _splash_attention_fn(text_length, grid_size, kernel_size, *, mesh, rules, block_size,
                          interpret):
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   length = text_length + grid_size * grid_size
-  padded = _padded_length(length, block_size)
-  masks = [splash.NumpyMask(padded_mask(p, text_length, grid_size, kernel_size, block_size))
-           for p in PATTERNS]
+  padded = padded_length(length, block_size)
 
-  @functools.lru_cache(maxsize=None)
-  def kernels(local_heads):
-    # Every head shares its layer's mask: splash stores the block metadata once per shard.
-    return [splash.make_splash_mha(splash.MultiHeadMask((mask,) * local_heads),
-                                   block_sizes=_block_sizes(block_size), head_shards=1,
-                                   q_seq_shards=1, interpret=interpret)
-            for mask in masks]
+  def branch(kernel, transpose):
+    def run(query, key, value):
+      # [B, L, H, D] → splash's [H, L_padded, D] per example, vmapped over the batch.
+      if transpose:
+        query, key, value = (transpose_image(x, text_length, grid_size) for x in (query, key, value))
+      pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+      q, k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (query, key, value))
+      out = jax.vmap(kernel)(q, k, v).transpose(0, 2, 1, 3)[:, :length]
+      return transpose_image(out, text_length, grid_size) if transpose else out
+    return run
 
   def local_attention(query, key, value, pattern_id):
-    # [B, L, H, D] → splash's [H, L, D] per example, vmapped over the batch.
     heads, depth = query.shape[2:]
-    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
-    query = query * jnp.asarray(depth ** -0.5, query.dtype)
-    q, k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (query, key, value))
-    branches = [jax.vmap(kernel) for kernel in kernels(heads)]
-    out = jax.lax.switch(pattern_id, branches, q, k, v)
-    return out.transpose(0, 2, 1, 3)[:, :length].astype(query.dtype)
+    by_name = make_splash_kernels(text_length, grid_size, kernel_size, block_size, heads, interpret)
+    branches = [branch(by_name["row"], False), branch(by_name["row"], True),
+                branch(by_name["conv"], False)]  # PATTERNS order
+    query = query * jnp.asarray(depth ** -0.5, query.dtype)  # splash leaves the scaling to us
+    return jax.lax.switch(pattern_id, branches, query, key, value).astype(query.dtype)
 
   def attend(query, key, value, pattern_id):
     _check_inputs(query, key, value, length)
     pattern_id = jnp.asarray(pattern_id, jnp.int32)
-    context_mesh, context_rules = _context_mesh_and_rules(mesh, rules)
-    if context_mesh is None or context_mesh.empty or context_mesh.size == 1:
+    context_mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if context_mesh.empty or context_mesh.size == 1:
       return local_attention(query, key, value, pattern_id)
+    context_rules = nn.get_logical_axis_rules() if rules is None else rules
     spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None),
-                                   context_rules)
+                                   tuple(context_rules))
     _check_shardable(query.shape, spec, context_mesh)
+    # Pallas kernels cannot be partitioned by XLA: each device runs its own batch and heads.
     sharded = jax.shard_map(local_attention, mesh=context_mesh,
-                            in_specs=(spec, spec, spec, jax.sharding.PartitionSpec()),
-                            out_specs=spec, check_vma=False)
+                            in_specs=(spec, spec, spec, PartitionSpec()), out_specs=spec,
+                            check_vma=False)
     return sharded(query, key, value, pattern_id)
 
   return attend
@@ -234,5 +321,5 @@ def _check_shardable(shape, spec, mesh):
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     ways = math.prod(mesh.shape[a] for a in axes)
     if shape[dim] % ways:
-      raise ValueError(f"splash attention: {name}={shape[dim]} is not divisible by mesh axes "
-                       f"{axes} of total size {ways} (activation_{name} in the logical axis rules)")
+      raise ValueError(f"splash attention: {name}={shape[dim]} is not divisible by mesh axes {axes} "
+                       f"of total size {ways} (the activation_{name} rule in the logical axis rules)")
