@@ -300,6 +300,10 @@ def _splash_attention_fn(text_length, grid_size, kernel_size, *, mesh, rules, bl
     _check_inputs(query, key, value, length)
     pattern_id = jnp.asarray(pattern_id, jnp.int32)
     context_mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    platform = _target_platform(context_mesh)
+    if platform != "tpu" and not interpret:
+      raise ValueError(f"splash attention is a TPU kernel and this computation targets {platform}: "
+                       "use the dense kernel there (or interpret=True, to test it on the CPU)")
     if context_mesh.empty or context_mesh.size == 1:
       return local_attention(query, key, value, pattern_id)
     context_rules = nn.get_logical_axis_rules() if rules is None else rules
@@ -313,6 +317,15 @@ def _splash_attention_fn(text_length, grid_size, kernel_size, *, mesh, rules, bl
     return sharded(query, key, value, pattern_id)
 
   return attend
+
+
+def _target_platform(mesh):
+  """The platform a trace compiles for: the mesh's devices (compile-only TPU topologies included)."""
+  if mesh.empty:
+    return jax.default_backend()
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return mesh.abstract_device.platform if mesh.abstract_device else jax.default_backend()
+  return mesh.devices.flat[0].platform
 
 
 def _check_shardable(shape, spec, mesh):

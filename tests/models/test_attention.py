@@ -198,6 +198,8 @@ def test_splash_errors():
   qkv = random_qkv((4, 18, 2, 8))
   with pytest.raises(ValueError, match="sequence length 18"):
     attention.make_attention_fn("dense", 3, 4, 3)(*qkv, 0)
+  with pytest.raises(ValueError, match="TPU kernel and this computation targets cpu"):
+    attention.make_attention_fn("splash", 3, 4, 3)(*random_qkv((1, 19, 2, 8)), 0)
   qkv = random_qkv((4, 19, 3, 8))  # 3 heads over a tensor axis of 2
   with jax.set_mesh(mesh_222()), nn.logical_axis_rules(RULES):
     with pytest.raises(ValueError, match="heads=3 is not divisible"):
