@@ -1,0 +1,44 @@
+"""Tiny DALL·E transformer on the token files of a tiny dVAE: trains in a few minutes on a 2-core CPU.
+
+  python -m mmjax.main --config=mmjax/configs/dvae_shapes.py --workdir=/tmp/shapes
+  python -m mmjax.main --config=mmjax/configs/dvae_encode.py --workdir=/tmp/shapes
+  python -m mmjax.main --config=mmjax/configs/dalle_shapes.py --workdir=/tmp/shapes
+
+ARG: shapes (default) | digits | mnist, as for dvae_shapes.py and dvae_encode.py, whose outputs
+(<workdir>/tokens) this reads. Sizes follow them: 32 text tokens from the 1024-piece tokenizer (the
+longest shapes caption is 30 tokens, the longest digits caption 19), an 8×8 grid of codes from a
+vocabulary of 512, so the sequence is 32 + 64 = 96 tokens. Six layers give the paper's schedule
+in small: row, column, row, row, row, conv (5×5 window). f32 compute: bf16 is slow on CPU.
+"""
+
+from mmjax.configs import common, dalle_12b, dvae_encode, dvae_shapes
+
+DATASETS = ("shapes", "digits", "mnist")
+
+
+def get_config(arg="shapes"):
+  if arg not in DATASETS:
+    raise ValueError(f"dalle_shapes.py:{arg}: expected one of {DATASETS}")
+  encode = dvae_encode.get_config(arg)
+  dvae = dvae_shapes.model_config()
+  grid_size = encode.data.image_size // 2 ** (dvae.group_count - 1)  # the dVAE pools after all groups but the last
+  config = common.base_config()
+  config.trainer = "dalle"
+  config.mesh = common.mesh_config(data=-1)
+  config.data = common.data_config(name=arg, image_size=encode.data.image_size, global_batch=32,
+                                   text_length=encode.data.text_length)
+  config.data.tokens_dir = ""       # the dVAE encode job's token files ("" = <workdir>/tokens)
+  config.tokenizer = encode.tokenizer
+  config.model = dalle_12b.model_config(
+      text_vocab_size=encode.tokenizer.vocab_size, text_length=encode.data.text_length,
+      image_vocab_size=dvae.vocab_size, grid_size=grid_size, width=128, num_layers=6, num_heads=4, kernel_size=5,
+      attention_kernel="dense", remat=False, dtype="float32")
+  steps = 1500
+  dalle_12b.training_config(config, num_train_steps=steps, learning_rate=1e-3, warmup_steps=50, decay_steps=steps,
+                            end_learning_rate=1e-5, accumulation_steps=1, ema_decay=0.99, moment_dtype="")
+  config.rng_impl = "rbg"       # threefry's init compiles slowly on a CPU
+  config.eval_every_steps = 500
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
+  return config
