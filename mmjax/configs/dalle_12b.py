@@ -55,14 +55,15 @@ def model_config(text_vocab_size=TEXT_VOCAB_SIZE, text_length=TEXT_LENGTH, image
 
 def training_config(config, num_train_steps=430_000, learning_rate=4.5e-4, warmup_steps=5000,
                     decay_steps=430_000, end_learning_rate=4.5e-4 / 32, accumulation_steps=0,
-                    microbatch_per_shard=1, ema_decay=0.0, moment_dtype="bfloat16"):
+                    microbatch_per_shard=1, accumulation_dtype="bfloat16", ema_decay=0.0,
+                    moment_dtype="bfloat16", param_copy_dtype="bfloat16"):
   """The transformer trainer's fields (mmjax/train/dalle.py), by default the paper's recipe: AdamW
   β=(0.9, 0.96), ε=1e-8, weight decay 4.5e-2 (not on gains, biases, embeddings or position tables),
   gradients clipped at global norm 4, a linear warmup to 4.5e-4 over 5000 updates, 430k updates of
   1024 captions. The paper halved the rate whenever the loss plateaued, five times (ending 32×
   lower); a cosine to the same end rate stands in for that. It kept the Adam moments in 16 bits
-  (`moment_dtype`); no EMA of the params is kept by default (it would cost another f32 copy).
-  Tiny configs call this with shorter schedules."""
+  (`moment_dtype`) and computed with 16-bit copies of the params (`param_copy_dtype`). No EMA of
+  the params by default (another f32 copy). Tiny configs call this with shorter schedules."""
   config.trainer = "dalle"
   config.num_train_steps = num_train_steps
   config.data.source = "tokens"       # tokens (the encode job's files) | synthetic (learnable random rows)
@@ -71,6 +72,10 @@ def training_config(config, num_train_steps=430_000, learning_rate=4.5e-4, warmu
   # as keep `microbatch_per_shard` rows on each batch shard, whatever the slice size.
   config.accumulation_steps = accumulation_steps
   config.microbatch_per_shard = microbatch_per_shard
+  # The running sum of the microbatch gradients. bfloat16 saves 1.4 GiB per v5e chip against
+  # float32, which the 12B on a v5e-16 needs; its rounding (~1% after 64 microbatches) is far
+  # below the gradient's sampling noise. float32 where HBM allows (v4-64).
+  config.accumulation_dtype = accumulation_dtype
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": learning_rate,       # peak, reached after a linear warmup from 0
       "warmup_steps": warmup_steps,
@@ -81,6 +86,9 @@ def training_config(config, num_train_steps=430_000, learning_rate=4.5e-4, warmu
       "grad_clip_norm": 4.0,
       "moment_dtype": moment_dtype,         # Adam's mu and nu ("" = the params' float32)
   })
+  # Gradients are taken with respect to the params' matrices cast to this dtype (mixed precision:
+  # half-size all-gathers and gradients); "" = the f32 params themselves.
+  config.param_copy_dtype = param_copy_dtype
   config.text_loss_weight = 1 / 8           # loss = text/8 + image·7/8
   config.ema_decay = ema_decay              # 0 = no EMA: eval and export use the params
   config.rng_impl = ""                      # init PRNG ("" = JAX's default; "rbg" compiles faster on CPU)
@@ -91,6 +99,8 @@ def training_config(config, num_train_steps=430_000, learning_rate=4.5e-4, warmu
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
   config.sample_every_steps = 0             # sample grids via mmjax.generate (0 = off)
+  config.sample_rows = 8                    # captions of the current batch sampled per grid
+  config.sample_dvae = ""                   # the dVAE export that decodes them ("" = <workdir>/dvae)
   return config
 
 

@@ -14,6 +14,7 @@ TRAINERS = {
     "preview": "mmjax.train.preview",
     "dvae": "mmjax.train.dvae",
     "dvae_encode": "mmjax.train.dvae_encode",
+    "dalle": "mmjax.train.dalle",
 }
 
 
