@@ -77,6 +77,16 @@ def clip_config(model, learning_rate, fsdp=1, global_batch=PAPER_BATCH, num_trai
       "weight_decay": 0.2,                  # decoupled; not on gains, biases, embeddings or logit_scale
       "grad_clip_norm": 0.0,
   })
+  config.accumulation_steps = 1             # >1: gradient caching over microbatches, same update
+  config.ema_decay = 0.9999                 # EMA of the params: eval and export use it
+  config.eval_data_path = "gs://YOUR_BUCKET/image_text/validation-*.tfrecord"  # folder/tfrecord eval set
+  config.eval_split = "validation"          # TFDS datasets (shapes, digits, mnist)
+  config.eval_examples = 5000               # image–caption pairs for retrieval recall (0 = whole split)
+  config.zeroshot_split = ""                # split of the dataset's zero-shot task (mmjax.zeroshot); "" = none
+  config.eval_every_steps = 10_000
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
   return config
 
 

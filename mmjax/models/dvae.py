@@ -303,12 +303,14 @@ def codebook_usage(logits):
 
 MODEL_FIELDS = ("n_hid", "n_blk_per_group", "group_count", "vocab_size", "n_init", "input_channels",
                 "output_channels", "dtype", "param_dtype", "remat")
-# Keys an exported model.json or config.model may carry besides the module fields.
-INFO_FIELDS = ("kind", "parts", "source")
+# Keys an exported model.json or config.model may carry besides the module fields; image_size is
+# the square size the dVAE was trained at (the convolutions accept any multiple of 2^(G−1)).
+INFO_FIELDS = ("kind", "parts", "source", "image_size")
 
 
 def model_config(module, **info):
-  """The module's fields as a JSON-able dict with `"kind": "dvae"` (plus `info`, e.g. parts/source)."""
+  """The module's fields as a JSON-able dict with `"kind": "dvae"` (plus `info`, e.g. parts, source,
+  image_size)."""
   return model_config_lib.to_dict(module, KIND, MODEL_FIELDS, INFO_FIELDS, info)
 
 

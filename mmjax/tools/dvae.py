@@ -1,12 +1,13 @@
 r"""Encode images to dVAE codes, or decode codes back to images, with an exported dVAE.
 
   python -m mmjax.tools.dvae encode --checkpoint=DIR --images=a.png,b.jpg --output=codes.npy
-  python -m mmjax.tools.dvae encode --checkpoint=DIR --images=photos/ --output=codes.npy --image_size=256
+  python -m mmjax.tools.dvae encode --checkpoint=DIR --images=photos/ --output=codes.npy --image_size=64
   python -m mmjax.tools.dvae decode --checkpoint=DIR --codes=codes.npy --output=pngs/
 
 encode: --images lists image files and/or directories (searched recursively for .jpg .jpeg .png
   .gif .bmp .webp). Each image is decoded, centre-cropped to a square, resized to --image_size
-  (the size the dVAE was trained at: 256 for OpenAI's) and mapped with the dVAE pixel map; the
+  (by default the size the dVAE was trained at, recorded in its model.json by the dVAE trainer;
+  256, OpenAI's, for converted weights, which record none) and mapped with the dVAE pixel map; the
   argmax codes go to --output as int32 [N, h, w], and the image each row came from to
   <output>.files.txt. Images that cannot be read are skipped, counted and named.
 decode: --codes is an int32 [N, h, w] .npy of codes below the dVAE's vocab size; writes one PNG
@@ -33,15 +34,15 @@ PROGRAM = "mmjax.tools.dvae"
 # ----------------------------------------------------------------------------- shared
 
 def _single_device_dvae(checkpoint_dir, need, dtype):
-  """(module, params, jit-ready mesh, rules) on the first local device."""
+  """(module, params, param shardings, mesh, rules, model_config) on the first local device."""
   import jax  # pylint: disable=g-import-not-at-top
   from mmjax import sharding  # pylint: disable=g-import-not-at-top
   from mmjax.configs import common  # pylint: disable=g-import-not-at-top
   from mmjax.train import dvae_encode  # pylint: disable=g-import-not-at-top
   mesh = sharding.create_mesh(common.mesh_config(data=1), devices=jax.local_devices()[:1])
   rules = common.DEFAULT_LOGICAL_AXIS_RULES
-  model, params, shardings, _ = dvae_encode.load_dvae(checkpoint_dir, mesh, rules, need, dtype)
-  return model, params, shardings, mesh, rules
+  model, params, shardings, model_config = dvae_encode.load_dvae(checkpoint_dir, mesh, rules, need, dtype)
+  return model, params, shardings, mesh, rules, model_config
 
 
 def _require_checkpoint(checkpoint_dir):
@@ -86,14 +87,16 @@ def load_image(path, image_size):
   return preprocess.map_pixels(preprocess.resize_and_crop(image, image_size), "dvae").numpy(), None
 
 
-def encode_images(checkpoint_dir, items, output, image_size=256, batch_size=32, dtype=""):
-  """Encodes the images `items` name; writes codes [N, h, w] int32 to `output` and the source of
-  each row to <output>.files.txt. Returns (codes, encoded paths, {skipped path: reason})."""
+def encode_images(checkpoint_dir, items, output, image_size=None, batch_size=32, dtype=""):
+  """Encodes the images `items` name at `image_size` (None: the size the dVAE was trained at);
+  writes codes [N, h, w] int32 to `output` and the source of each row to <output>.files.txt.
+  Returns (codes, encoded paths, {skipped path: reason}, the image size used)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mmjax import sharding  # pylint: disable=g-import-not-at-top
   from mmjax.train import dvae_encode  # pylint: disable=g-import-not-at-top
   _require_checkpoint(checkpoint_dir)
-  model, params, shardings, mesh, rules = _single_device_dvae(checkpoint_dir, "encoder", dtype)
+  model, params, shardings, mesh, rules, model_config = _single_device_dvae(checkpoint_dir, "encoder", dtype)
+  image_size = image_size or dvae_encode.trained_image_size(model_config)
   grid = dvae_encode.grid_size(model, image_size, field="--image_size")
   paths, missing = list_images(items)
   skipped = {path: "does not exist" for path in missing}
@@ -117,7 +120,7 @@ def encode_images(checkpoint_dir, items, output, image_size=256, batch_size=32, 
   np.save(output, codes)
   with open(_files_list_path(output), "w", encoding="utf-8") as f:
     f.write("".join(f"{path}\n" for path in encoded))
-  return codes, encoded, skipped
+  return codes, encoded, skipped, image_size
 
 
 def _short_reason(error):
@@ -174,7 +177,7 @@ def decode_codes(checkpoint_dir, codes_path, output_dir, batch_size=32, dtype=""
   # The codes are checked against model.json first: a bad file fails before any model loads.
   _require_checkpoint(checkpoint_dir)
   codes = load_codes(codes_path, checkpoint.load_model_config(checkpoint_dir, kind=dvae.KIND)["vocab_size"])
-  model, params, shardings, mesh, rules = _single_device_dvae(checkpoint_dir, "decoder", dtype)
+  model, params, shardings, mesh, rules, _ = _single_device_dvae(checkpoint_dir, "decoder", dtype)
 
   @jax.jit
   def decode(params, tokens):
@@ -204,8 +207,9 @@ def define_flags():
   flags.DEFINE_list("images", [], "encode: image files and/or directories (comma-separated).")
   flags.DEFINE_string("codes", None, "decode: int32 [N, h, w] codes (.npy) written by `encode`.")
   flags.DEFINE_string("output", None, "encode: the codes .npy file to write; decode: a directory for PNGs.")
-  flags.DEFINE_integer("image_size", 256, "encode: the square size images are cropped and resized to; "
-                       "the size the dVAE was trained at.", lower_bound=1)
+  flags.DEFINE_integer("image_size", None, "encode: the square size images are cropped and resized to "
+                       "(default: the size the dVAE was trained at, from its model.json; 256 if it "
+                       "records none, as converted OpenAI weights).", lower_bound=1)
   flags.DEFINE_integer("batch_size", 32, "Images (or code grids) per model call.", lower_bound=1)
   flags.DEFINE_string("dtype", "", "Compute dtype override, e.g. float32 ('' = as exported).")
   flags.mark_flags_as_required(["checkpoint", "output"])
@@ -225,9 +229,9 @@ def main(argv):
     if argv[1] == "encode":
       if not args.images:
         _error("encode needs --images (image files and/or directories)")
-      codes, encoded, skipped = encode_images(args.checkpoint, args.images, args.output, args.image_size,
-                                              args.batch_size, args.dtype)
-      print(f"Encoded {len(encoded)} image(s) at {args.image_size} px -> {args.output}: int32 "
+      codes, encoded, skipped, image_size = encode_images(args.checkpoint, args.images, args.output,
+                                                          args.image_size, args.batch_size, args.dtype)
+      print(f"Encoded {len(encoded)} image(s) at {image_size} px -> {args.output}: int32 "
             f"{list(codes.shape)} codes (rows listed in {_files_list_path(args.output)})")
       if skipped:
         print(f"Skipped {len(skipped)} unreadable image(s): {_describe(skipped)}")

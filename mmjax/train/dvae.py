@@ -17,7 +17,8 @@ params and argmax codes (no noise), which is what the transformer will be traine
 
 Workdir: checkpoints/ (Orbax, resumed automatically with the data iterator position),
 tensorboard/, reconstructions/step_N.png (originals above reconstructions), dvae/ (the
-exported EMA params + model.json, loaded with `checkpoint.load_model`).
+exported EMA params + model.json, loaded with `checkpoint.load_model`; model.json records the
+training image_size, which `mmjax.tools.dvae encode` then uses by default).
 """
 
 import dataclasses
@@ -382,8 +383,9 @@ def run(config, workdir):
   mesh = sharding.create_mesh(config.mesh)
   logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
 
-  # Data: this host's part of every global batch; images only.
-  data_dir = workdir_lib.data_dir(config, workdir)
+  # Data: this host's part of every global batch; images only. TFDS sets are built once, on
+  # process 0, while the other hosts wait.
+  data_dir = workdir_lib.prepare_data(config, workdir)
   train_iterator = pipeline.DataIterator(pipeline.create_dataset(config, data_dir, None, train=True))
 
   # Model and sharded state (restored from the latest checkpoint when there is one).
@@ -429,7 +431,8 @@ def run(config, workdir):
   # Export the EMA params so tools rebuild the model from model.json.
   checkpoints.wait()
   export_dir = os.path.join(workdir, EXPORT_DIR)
-  checkpoint_lib.save_model(export_dir, state.ema_params, dvae.model_config(model))
+  checkpoint_lib.save_model(export_dir, state.ema_params,
+                            dvae.model_config(model, image_size=config.data.image_size))
   checkpoints.close()
   writer.close()
   logging.info("Exported the EMA dVAE at step %d to %s", step, export_dir)

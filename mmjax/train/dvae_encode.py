@@ -70,6 +70,17 @@ def load_dvae(directory, mesh, rules, need, dtype=""):
   return model, params, shardings, model_config
 
 
+# What an export that records no image_size was trained at: OpenAI's released dVAE (converted
+# weights) saw 256 px images.
+DEFAULT_IMAGE_SIZE = 256
+
+
+def trained_image_size(model_config):
+  """The square image size a dVAE export was trained at: model.json's "image_size" (written by the
+  dVAE trainer), else DEFAULT_IMAGE_SIZE."""
+  return int(model_config.get("image_size") or DEFAULT_IMAGE_SIZE)
+
+
 def grid_size(model, image_size, field="config.data.image_size"):
   factor = 2 ** (model.group_count - 1)
   if image_size <= 0 or image_size % factor:
@@ -350,6 +361,10 @@ def run(config, workdir):
   model, params, param_shardings, model_config = load_dvae(checkpoint_dir, mesh, rules, "encoder",
                                                            config.dvae_dtype)
   image_size = config.data.image_size
+  recorded = model_config.get("image_size")
+  if recorded and recorded != image_size:  # the convolutions run at any size, but codes differ
+    logging.warning("config.data.image_size=%d, but the dVAE in %s was trained at %d px", image_size,
+                    checkpoint_dir, recorded)
   grid = grid_size(model, image_size)
   logging.info("dVAE %s: %d px images → %d×%d codes of %d", checkpoint_dir, image_size, grid, grid,
                model.vocab_size)

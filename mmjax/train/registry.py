@@ -15,6 +15,9 @@ TRAINERS = {
     "dvae": "mmjax.train.dvae",
     "dvae_encode": "mmjax.train.dvae_encode",
     "dalle": "mmjax.train.dalle",
+    "clip": "mmjax.train.clip",
+    "shapes_samples": "mmjax.train.shapes_samples",
+    "demo": "mmjax.train.demo",
 }
 
 

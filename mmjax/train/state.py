@@ -33,11 +33,12 @@ def no_decay_mask(params, names=("bias", "scale", "embedding", "logit_scale")):
   return jax.tree.unflatten(jax.tree.structure(params), decays)
 
 
-def adamw(learning_rate, config):
-  """AdamW with the config's betas/weight decay, clipping, and no decay on gains/biases/embeddings."""
+def adamw(learning_rate, config, mask=no_decay_mask):
+  """AdamW with the config's betas/weight decay, clipping, and no decay on gains/biases/embeddings
+  (`mask`: params -> tree of bools, True where decay applies; e.g. no_decay_mask with more names)."""
   chain = []
   if config.get("grad_clip_norm"):
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   chain.append(optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.get("eps", 1e-8),
-                           weight_decay=config.weight_decay, mask=no_decay_mask))
+                           weight_decay=config.weight_decay, mask=mask))
   return optax.chain(*chain)

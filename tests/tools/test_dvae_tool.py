@@ -1,6 +1,8 @@
 """`python -m mmjax.tools.dvae encode|decode` with a tiny random dVAE export and real image files."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def export(tmp_path_factory):
   root = tmp_path_factory.mktemp("dvae_tool")
   model, params = save_tiny_dvae(root / "dvae", seed=1)
+  _record_image_size(root / "dvae", IMAGE_SIZE)  # as the dVAE trainer's export does
   images = root / "images"
   (images / "nested").mkdir(parents=True)
   rng = np.random.default_rng(0)
@@ -34,6 +37,18 @@ def export(tmp_path_factory):
   return {"root": root, "checkpoint": str(root / "dvae"), "images": images, "model": model, "params": params}
 
 
+def _record_image_size(checkpoint_dir, image_size):
+  """Sets (or with None removes) the training image size an export's model.json records."""
+  path = os.path.join(checkpoint_dir, "model.json")
+  with open(path) as f:
+    model_config = json.load(f)
+  model_config.pop("image_size", None)
+  if image_size is not None:
+    model_config["image_size"] = image_size
+  with open(path, "w") as f:
+    json.dump(model_config, f)
+
+
 def _tool(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -44,8 +59,10 @@ def _tool(*args):
 def test_encode_gives_the_models_codes_and_decode_its_images(export, tmp_path):
   model, params, images = export["model"], export["params"], export["images"]
   output = str(tmp_path / "codes.npy")
-  codes, encoded, skipped = dvae_tool.encode_images(export["checkpoint"], [str(images)], output,
-                                                    image_size=IMAGE_SIZE, batch_size=2)
+  # No image size given: the export's recorded one.
+  codes, encoded, skipped, image_size = dvae_tool.encode_images(export["checkpoint"], [str(images)], output,
+                                                                batch_size=2)
+  assert image_size == IMAGE_SIZE
   assert encoded == [str(images / n) for n in ("a.png", "b.jpg", "broken.png", "nested/c.png")
                      if n != "broken.png"]
   assert list(skipped) == [str(images / "broken.png")] and "cannot decode" in skipped[str(images / "broken.png")]
@@ -71,6 +88,23 @@ def test_encode_gives_the_models_codes_and_decode_its_images(export, tmp_path):
     got = np.asarray(Image.open(path))
     assert got.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     np.testing.assert_allclose(got.astype(int), want.astype(int), atol=1)
+
+
+def test_encode_defaults_to_the_recorded_image_size(export, tmp_path):
+  image = str(export["images"] / "b.jpg")
+  checkpoint_dir = str(tmp_path / "dvae")
+  shutil.copytree(export["checkpoint"], checkpoint_dir)
+  grid_at = {}
+  for recorded in (16, None):  # None: an export without a record, like converted OpenAI weights
+    _record_image_size(checkpoint_dir, recorded)
+    codes, _, _, image_size = dvae_tool.encode_images(checkpoint_dir, [image], str(tmp_path / "codes.npy"))
+    grid_at[image_size] = codes.shape[1:]
+  # 2^(group_count−1) = 4 pixels per code; 256 px is OpenAI's training size.
+  assert grid_at == {16: (4, 4), 256: (64, 64)}
+  # An explicit size wins over the record.
+  codes, _, _, image_size = dvae_tool.encode_images(export["checkpoint"], [image], str(tmp_path / "c.npy"),
+                                                    image_size=16)
+  assert image_size == 16 and codes.shape == (1, 4, 4)
 
 
 def test_codes_files_are_checked(export, tmp_path):
@@ -100,7 +134,7 @@ def test_command_line_round_trip_and_errors(export, tmp_path):
   codes = str(tmp_path / "codes.npy")
   missing = str(tmp_path / "missing.png")
   result = _tool("encode", f"--checkpoint={export['checkpoint']}", f"--images={export['images']},{missing}",
-                 f"--output={codes}", f"--image_size={IMAGE_SIZE}")
+                 f"--output={codes}")  # --image_size: the export's recorded size
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Encoded 3 image(s) at {IMAGE_SIZE} px" in result.stdout and "[3, 8, 8]" in result.stdout
   assert "Skipped 2 unreadable image(s)" in result.stdout

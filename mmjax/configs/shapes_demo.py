@@ -1,0 +1,56 @@
+"""The whole pipeline on the embedded shapes set: what `make demo` runs (≈15 minutes on a 2-core CPU).
+
+  python -m mmjax.main --config=mmjax/configs/shapes_demo.py --workdir=demo_workdir
+
+Trains the tokenizer, the dVAE, encodes every split, trains the DALL·E transformer and CLIP,
+then samples candidates for held-out test captions and reranks them with CLIP, writing
+samples.png and metrics.json (the shapes oracle's accuracy) into the workdir; see
+mmjax/train/demo.py for the stages and their outputs. Each stage is its usual config
+(dvae_shapes, dvae_encode, dalle_shapes, clip_shapes), so `--config.stages.dalle.num_train_steps=…`
+changes one; a rerun reuses finished stages.
+"""
+
+import ml_collections
+
+from mmjax.configs import clip_shapes, common, dalle_shapes, dvae_encode, dvae_shapes
+
+# One shapes build (32 px) serves every stage: the train split's size is shared.
+NUM_TRAIN_EXAMPLES = 10_000
+
+
+def samples_config(data):
+  """The samples stage: sampling and reranking settings; paths are filled in by the demo trainer."""
+  config = common.base_config()
+  config.trainer = "shapes_samples"
+  config.data = data
+  config.split = "test"
+  config.num_captions = 100
+  config.num_candidates = 8       # per caption; CLIP keeps the best
+  config.top = 4                  # shown per caption in samples.png
+  config.grid_captions = 12       # rows of samples.png
+  config.temperature = 1.0
+  config.top_k = 0
+  config.top_p = 1.0
+  config.seed = 0
+  config.batch_size = 64          # candidates per sampling call
+  config.data_dir = ""            # filled in: <workdir>/tfds
+  config.dalle = ""               # filled in: the exports of the earlier stages
+  config.dvae = ""
+  config.clip = ""
+  config.tokenizer = ""
+  return config
+
+
+def get_config():
+  config = common.base_config()
+  config.trainer = "demo"
+  stages = ml_collections.ConfigDict()
+  stages.dvae = dvae_shapes.get_config("shapes")
+  stages.encode = dvae_encode.get_config("shapes")
+  stages.dalle = dalle_shapes.get_config("shapes")
+  stages.clip = clip_shapes.get_config("shapes")
+  for stage in (stages.dvae, stages.encode, stages.dalle, stages.clip):
+    stage.data.num_examples = NUM_TRAIN_EXAMPLES
+  stages.samples = samples_config(stages.encode.data.copy_and_resolve_references())
+  config.stages = stages
+  return config

@@ -1,0 +1,42 @@
+"""The demo pipeline's wiring and stage bookkeeping (the stages themselves have their own tests)."""
+
+import json
+import os
+
+import pytest
+
+from mmjax.configs import shapes_demo
+from mmjax.errors import ConfigError
+from mmjax.train import demo
+
+
+def test_stages_are_wired_to_each_others_outputs(tmp_path):
+  config = shapes_demo.get_config()
+  stages = demo.wire_stages(config, str(tmp_path))
+  tfds_dir = str(tmp_path / "tfds")
+  assert {stages[name].data.data_dir for name in ("dvae", "encode", "dalle", "clip")} == {tfds_dir}
+  assert stages.encode.dvae_checkpoint == str(tmp_path / "dvae" / "dvae")
+  assert stages.dalle.data.tokens_dir == stages.encode.output_dir == str(tmp_path / "tokens")
+  assert stages.encode.tokenizer.model_path == stages.dalle.tokenizer.model_path == stages.samples.tokenizer
+  assert stages.samples.dalle == str(tmp_path / "dalle" / "dalle")
+  assert stages.samples.clip == str(tmp_path / "clip" / "clip")
+  assert config.stages.encode.output_dir == ""  # the user's config is left as it was
+  # One shapes build serves every stage, and the token files fit the transformer.
+  builds = {(stages[n].data.image_size, stages[n].data.num_examples) for n in ("dvae", "encode", "dalle", "clip")}
+  assert len(builds) == 1
+  assert stages.dalle.model.text_length == stages.encode.data.text_length
+  assert stages.dalle.model.text_vocab_size == stages.encode.tokenizer.vocab_size
+
+
+def test_a_finished_stage_is_reused_only_with_the_same_config(tmp_path):
+  stages = demo.wire_stages(shapes_demo.get_config(), str(tmp_path))
+  directory = str(tmp_path / "dvae")
+  os.makedirs(directory)
+  assert not demo._finished("dvae", directory, stages.dvae)
+  demo._mark_finished(directory, stages.dvae, seconds=1.0)
+  with open(os.path.join(directory, demo.STAGE_FILE)) as f:
+    assert json.load(f)["seconds"] == 1.0
+  assert demo._finished("dvae", directory, stages.dvae)
+  stages.dvae.num_train_steps += 1
+  with pytest.raises(ConfigError, match="config.stages.dvae differs"):
+    demo._finished("dvae", directory, stages.dvae)
