@@ -359,21 +359,6 @@ def _save_reconstruction_grid(originals, reconstructions, captions, path, count,
 
 # ----------------------------------------------------------------------------- loop
 
-@dataclasses.dataclass
-class TrainResult:
-  """What `run` leaves behind besides the workdir: the final state and the last metrics."""
-  state: Any
-  step: int
-  train: dict
-  eval: dict
-  export_dir: str
-
-
-def _mean_scalars(history):
-  stacked = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
-
-
 def run(config, workdir):
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -417,7 +402,7 @@ def run(config, workdir):
     history.append(scalars)
     last_step = step == config.num_train_steps
     if step % config.log_every_steps == 0 or last_step:
-      train_scalars = _mean_scalars(history)
+      train_scalars = metrics_lib.mean_scalars(history)
       seconds = time.perf_counter() - last_log[0]
       train_scalars["steps_per_second"] = (step - last_log[1]) / seconds
       writer.write_scalars(step, train_scalars, prefix="train/")
@@ -436,4 +421,4 @@ def run(config, workdir):
   checkpoints.close()
   writer.close()
   logging.info("Exported the EMA dVAE at step %d to %s", step, export_dir)
-  return TrainResult(state=state, step=step, train=train_scalars, eval=eval_scalars, export_dir=export_dir)
+  return state_lib.TrainResult(state=state, step=step, train=train_scalars, eval=eval_scalars, export_dir=export_dir)

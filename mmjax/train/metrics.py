@@ -28,3 +28,9 @@ class MetricWriter:
   def close(self):
     if self.writer is not None:
       self.writer.close()
+
+
+def mean_scalars(history):
+  """The mean of each scalar over a list of per-step scalar dicts (device arrays are fetched once)."""
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}

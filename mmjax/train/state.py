@@ -1,5 +1,6 @@
 """The train state every trainer shares: params, optimizer state, and an EMA of the params."""
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -42,3 +43,13 @@ def adamw(learning_rate, config, mask=no_decay_mask):
   chain.append(optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.get("eps", 1e-8),
                            weight_decay=config.weight_decay, mask=mask))
   return optax.chain(*chain)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a trainer's `run` leaves behind besides the workdir: the final state and the last metrics."""
+  state: Any
+  step: int
+  train: dict
+  eval: dict
+  export_dir: str

@@ -1,22 +1,20 @@
 """The CLIP trainer on tiny configs over 8 fake devices: loss, eval, resume, export, accumulation, AOT."""
 
 import functools
-import glob
 import math
 import os
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 from jax.sharding import PartitionSpec as P
 
 from mmjax import sharding, zeroshot
-from mmjax.configs import clip_shapes, clip_vit_b32, common, validate
+from mmjax.configs import clip_shapes, clip_vit_b32, common
 from mmjax.errors import ConfigError
 from mmjax.models import clip
-from mmjax.train import registry
 from mmjax.train import clip as trainer
+from tests.train.trainer_utils import run_like_main, scalars
 
 STEPS = 6
 
@@ -34,21 +32,6 @@ def tiny_config(data_dir, **fields):
                 checkpoint_every_steps=3)
   config.update(fields)
   return config
-
-
-def run_like_main(config, workdir):
-  validate.check_config(config, num_devices=jax.device_count())
-  return registry.get_trainer(config.trainer).run(config, str(workdir))
-
-
-def scalars(workdir, tag):
-  values = {}
-  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = value.simple_value
-  return values
 
 
 @pytest.fixture(scope="module")

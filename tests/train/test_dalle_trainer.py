@@ -2,7 +2,6 @@
 gradient accumulation, token files, export, AOT."""
 
 import functools
-import glob
 import math
 import os
 
@@ -15,12 +14,13 @@ import tensorflow as tf
 from jax.sharding import PartitionSpec as P
 
 from mmjax import sharding
-from mmjax.configs import common, dalle_12b, dalle_shapes, validate
+from mmjax.configs import common, dalle_12b, dalle_shapes
 from mmjax.errors import ConfigError
 from mmjax.input_pipeline import token_files
 from mmjax.models import dalle
-from mmjax.train import checkpoint, registry
+from mmjax.train import checkpoint
 from mmjax.train import dalle as trainer
+from tests.train.trainer_utils import run_like_main, scalars
 
 STEPS = 8
 TEXT_VOCAB, TEXT_LENGTH, GRID, IMAGE_VOCAB = 40, 6, 4, 32
@@ -44,23 +44,6 @@ def tiny_config(**fields):
     parent, _, leaf = name.rpartition("__")
     (config[parent] if parent else config)[leaf] = value
   return config
-
-
-def run_like_main(config, workdir):
-  """What `python -m mmjax.main` does once flags are parsed: check the config, dispatch, run."""
-  validate.check_config(config, num_devices=jax.device_count())
-  return registry.get_trainer(config.trainer).run(config, str(workdir))
-
-
-def scalars(workdir, tag):
-  """{step: value} of a TensorBoard scalar written by the run."""
-  values = {}
-  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = value.simple_value
-  return values
 
 
 def adam_state(opt_state):

@@ -1,6 +1,5 @@
 """The dVAE trainer end to end on a tiny config over 8 fake devices: loss, shardings, resume, export, AOT."""
 
-import glob
 import os
 
 import jax
@@ -11,12 +10,13 @@ import tensorflow as tf
 from jax.sharding import PartitionSpec as P
 
 from mmjax import sharding
-from mmjax.configs import common, dvae_openai, dvae_shapes, validate
+from mmjax.configs import common, dvae_openai, dvae_shapes
 from mmjax.errors import ConfigError
 from mmjax.input_pipeline import pipeline
 from mmjax.models import dvae
-from mmjax.train import checkpoint, registry
+from mmjax.train import checkpoint
 from mmjax.train import dvae as trainer
+from tests.train.trainer_utils import run_like_main, scalars
 
 STEPS = 6
 
@@ -35,23 +35,6 @@ def tiny_config(data_dir, **fields):
                 checkpoint_every_steps=3, grid_images=4, grid_columns=4)
   config.update(fields)
   return config
-
-
-def run_like_main(config, workdir):
-  """What `python -m mmjax.main` does once flags are parsed: check the config, dispatch, run."""
-  validate.check_config(config, num_devices=jax.device_count())
-  return registry.get_trainer(config.trainer).run(config, str(workdir))
-
-
-def scalars(workdir, tag):
-  """{step: value} of a TensorBoard scalar written by the run."""
-  values = {}
-  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = value.simple_value
-  return values
 
 
 @pytest.fixture(scope="module")
