@@ -24,7 +24,8 @@ def samples_config(data):
   config.trainer = "shapes_samples"
   config.data = data
   config.split = "test"
-  config.num_captions = 100
+  config.num_one_object_captions = 100   # distinct held-out captions: the target group
+  config.num_two_object_captions = 100
   config.num_candidates = 8       # per caption; CLIP keeps the best
   config.top = 4                  # shown per caption in samples.png
   config.grid_captions = 12       # rows of samples.png

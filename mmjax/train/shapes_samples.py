@@ -3,14 +3,17 @@
 Reads the dalle, dvae and clip exports the earlier stages wrote (paths in `config.dalle`,
 `config.dvae`, `config.clip`, filled in by mmjax/train/demo.py) and writes to the workdir:
 
-  samples.png    the first `grid_captions` captions, each above its `top` best candidates
+  samples.png    `grid_captions` captions (half one-object, half two-object), each above its
+                 `top` best candidates
   samples.json   every shown candidate's seed and CLIP score (mmjax.generate's record)
   metrics.json   the shapes oracle's accuracy (colour, shape, size, relation, all) of
                  "first": the first sample of each caption (what one sample gives), and
                  "reranked": the candidate CLIP scores highest among `num_candidates`,
                  over all captions and separately over one- and two-object captions.
 
-Captions are the test split's distinct captions in file order, `num_captions` of them. Every
+Captions are the test split's distinct captions in file order: the first
+`num_one_object_captions` one-object and the first `num_two_object_captions` two-object ones
+(the one-object group is the issue's target: ≥ 100 of them, ≥ 80% all-attribute). Every
 test scene holds a colour–shape pair that the train split never shows (shapes.py), so the model
 has to compose attributes it only saw apart.
 """
@@ -31,13 +34,32 @@ from mmjax.tools import shapes_oracle
 ORACLE_KEYS = ("colour", "shape", "size", "relation", "all")
 
 
+def object_count(caption):
+  return len(shapes_oracle.parse_caption(caption).objects)
+
+
 def test_captions(config):
-  """The first `num_captions` distinct captions of the test split (ConfigError when too few)."""
+  """The first distinct one-object, then two-object captions of the split (ConfigError when too few)."""
   distinct = list(dict.fromkeys(datasets.captions(config.data, config.data_dir, split=config.split)))
-  if len(distinct) < config.num_captions:
-    raise ConfigError(f"config.num_captions={config.num_captions}: the {config.split} split has only "
-                      f"{len(distinct)} distinct captions")
-  return distinct[:config.num_captions]
+  chosen = []
+  for count, wanted in ((1, config.num_one_object_captions), (2, config.num_two_object_captions)):
+    group = [c for c in distinct if object_count(c) == count]
+    if len(group) < wanted:
+      noun = "one-object" if count == 1 else "two-object"
+      raise ConfigError(f"config.num_{'one' if count == 1 else 'two'}_object_captions={wanted}: the "
+                        f"{config.split} split has only {len(group)} distinct {noun} captions")
+    chosen += group[:wanted]
+  if not chosen:
+    raise ConfigError("config.num_one_object_captions and num_two_object_captions are both 0")
+  return chosen
+
+
+def grid_rows(captions, rows):
+  """Indices of the captions shown in samples.png: half one-object, half two-object."""
+  one = [i for i, c in enumerate(captions) if object_count(c) == 1]
+  two = [i for i, c in enumerate(captions) if object_count(c) == 2]
+  take_one = min(len(one), max(rows - len(two), (rows + 1) // 2))
+  return one[:take_one] + two[:rows - take_one]
 
 
 def oracle_accuracy(images, captions):
@@ -45,9 +67,8 @@ def oracle_accuracy(images, captions):
   groups = collections.defaultdict(list)
   for image, caption in zip(images, captions):
     result = shapes_oracle.score(image, caption)
-    count = len(shapes_oracle.parse_caption(caption).objects)
     groups["all_captions"].append(result)
-    groups["one_object" if count == 1 else "two_objects"].append(result)
+    groups["one_object" if object_count(caption) == 1 else "two_objects"].append(result)
   report = {}
   for group, results in groups.items():
     accuracy = shapes_oracle.accuracy(results)
@@ -74,10 +95,10 @@ def run(config, workdir):
       "reranked": oracle_accuracy(best, captions),
   }
   if jax.process_index() == 0:
-    shown = generate.Samples(captions[:config.grid_captions], samples.codes[:config.grid_captions],
-                             samples.images[:config.grid_captions], samples.seeds[:config.grid_captions],
-                             None if samples.scores is None else samples.scores[:config.grid_captions],
-                             samples.kept[:config.grid_captions])
+    rows = grid_rows(captions, config.grid_captions)
+    shown = generate.Samples([captions[i] for i in rows], samples.codes[rows], samples.images[rows],
+                             samples.seeds[rows], None if samples.scores is None else samples.scores[rows],
+                             samples.kept[rows])
     generate.write_outputs(shown, os.path.join(workdir, "samples.png"),
                            os.path.join(workdir, "samples.json"), {"settings": metrics["sampling"]})
     with open(os.path.join(workdir, "metrics.json"), "w") as f:

@@ -40,3 +40,21 @@ def test_a_finished_stage_is_reused_only_with_the_same_config(tmp_path):
   stages.dvae.num_train_steps += 1
   with pytest.raises(ConfigError, match="config.stages.dvae differs"):
     demo._finished("dvae", directory, stages.dvae)
+
+
+def test_samples_stage_takes_each_caption_group_and_shows_both(monkeypatch):
+  from mmjax.train import shapes_samples
+  one = [f"{a} red circle" for a in ("a", "a small", "a large", "there is a")]
+  two = [f"a red circle {rel} a blue square" for rel in ("above", "below", "left of")]
+  # File order mixes the groups and repeats captions; distinct captions keep their first place.
+  monkeypatch.setattr(shapes_samples.datasets, "captions",
+                      lambda data, data_dir, split: [two[0], one[0], one[0], two[1], one[1], one[2], two[2], one[3]])
+  config = shapes_demo.get_config().stages.samples
+  config.num_one_object_captions, config.num_two_object_captions = 3, 2
+  captions = shapes_samples.test_captions(config)
+  assert captions == one[:3] + two[:2]
+  assert [captions[i] for i in shapes_samples.grid_rows(captions, 4)] == one[:2] + two[:2]
+  assert [captions[i] for i in shapes_samples.grid_rows(captions, 5)] == one[:3] + two[:2]
+  config.num_two_object_captions = 4
+  with pytest.raises(ConfigError, match="only 3 distinct two-object captions"):
+    shapes_samples.test_captions(config)
