@@ -8,7 +8,7 @@ mmjax.tools.convert_openai_dvae) and the same inputs; outputs are checked to agr
 call is warmed up once (JAX compiles there), then the repeats alternate JAX and PyTorch so both
 see the same background load; images/s comes from the best repeat (noise from other processes
 only ever adds time) and the median is reported next to it. PyTorch keeps its default thread
-count. Prints a markdown table and writes bench/results/dvae.json.
+count. Prints a markdown table and writes bench/results/dvae.json (timing: bench/timing.py).
 """
 
 import os
@@ -19,11 +19,6 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -31,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from dall_e import Decoder as TorchDecoder, Encoder as TorchEncoder  # noqa: E402
 
+from bench import timing  # noqa: E402
 from mmjax.models import dvae  # noqa: E402
 from mmjax.tools import convert_openai_dvae  # noqa: E402
 
@@ -62,12 +58,6 @@ def state_dict(module):
   return {k: v.numpy() for k, v in module.state_dict().items()}
 
 
-def timed(fn):
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def bench_case(name, n_hid, vocab_size, image_size, batch, repeats):
   torch_encoder, torch_decoder = torch_models(n_hid, vocab_size)
   params, config = convert_openai_dvae.convert(state_dict(torch_encoder), state_dict(torch_decoder))
@@ -95,16 +85,15 @@ def bench_case(name, n_hid, vocab_size, image_size, batch, repeats):
     for call, (jax_fn, torch_fn) in calls.items():
       jax_out, torch_out = np.asarray(jax_fn()), torch_fn().numpy().transpose(0, 2, 3, 1)  # warm-up
       rel_error = float(np.abs(jax_out - torch_out).max() / np.abs(torch_out).max())
-      jax_times, torch_times = [], []
-      for _ in range(repeats):
-        jax_times.append(timed(jax_fn))
-        torch_times.append(timed(torch_fn))
+      times = timing.alternating({"jax": jax_fn, "torch": torch_fn}, repeats)
+      jax_times, torch_times = times["jax"], times["torch"]
+      jax_best, jax_median = timing.rates(batch, jax_times)
+      torch_best, torch_median = timing.rates(batch, torch_times)
       row = {
           "case": name, "call": call, "n_hid": n_hid, "vocab_size": vocab_size, "image_size": image_size,
           "batch": batch, "max_rel_error": rel_error,
-          "jax_images_per_s": batch / min(jax_times), "torch_images_per_s": batch / min(torch_times),
-          "jax_median_images_per_s": batch / statistics.median(jax_times),
-          "torch_median_images_per_s": batch / statistics.median(torch_times),
+          "jax_images_per_s": jax_best, "torch_images_per_s": torch_best,
+          "jax_median_images_per_s": jax_median, "torch_median_images_per_s": torch_median,
           "jax_times_s": jax_times, "torch_times_s": torch_times,
       }
       row["ratio"] = row["jax_images_per_s"] / row["torch_images_per_s"]
@@ -115,51 +104,30 @@ def bench_case(name, n_hid, vocab_size, image_size, batch, repeats):
 
 
 def table(rows):
-  lines = ["| case | call | n_hid | vocab | image | batch | JAX img/s (median) | PyTorch img/s (median) "
-           "| JAX/PyTorch |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['case']} | {r['call']} | {r['n_hid']} | {r['vocab_size']} | {r['image_size']} | "
-                 f"{r['batch']} | {r['jax_images_per_s']:.3g} ({r['jax_median_images_per_s']:.3g}) | "
-                 f"{r['torch_images_per_s']:.3g} ({r['torch_median_images_per_s']:.3g}) | {r['ratio']:.2f} |")
-  return "\n".join(lines)
-
-
-def cpu_name():
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+  headers = ["case", "call", "n_hid", "vocab", "image", "batch", "JAX img/s (median)", "PyTorch img/s (median)",
+             "JAX/PyTorch"]
+  return timing.markdown_table(headers, [
+      [r["case"], r["call"], r["n_hid"], r["vocab_size"], r["image_size"], r["batch"],
+       f"{r['jax_images_per_s']:.3g} ({r['jax_median_images_per_s']:.3g})",
+       f"{r['torch_images_per_s']:.3g} ({r['torch_median_images_per_s']:.3g})", f"{r['ratio']:.2f}"]
+      for r in rows])
 
 
 def main(argv):
   del argv
-  unknown = sorted(set(_CASES.value) - set(CASES))
-  if unknown:
-    raise app.UsageError(f"--cases: unknown {unknown}, expected some of {list(CASES)}")
-  load_before = os.getloadavg()
+  cases = timing.select_cases(_CASES.value, CASES)
+  load_before = timing.load_average()
   rows = []
-  for name in _CASES.value:
+  for name in cases:
     rows.extend(bench_case(name, *CASES[name], repeats=_REPEATS.value))
-  command = " ".join([".venv/bin/python", "bench/dvae.py"] + sys.argv[1:])
-  environment = {
-      "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-      "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
-      "jax_devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "load_average_before": load_before, "load_average_after": os.getloadavg(),
-  }
+  command = timing.command_line("dvae.py")
+  environment = timing.environment(load_before, torch_threads=torch.get_num_threads(), torch=torch.__version__)
   print()
   print(table(rows))
   print(f"\nimages/s from the best of {_REPEATS.value} repeats (median in brackets); "
         f"torch threads {environment['torch_threads']}; load average before/after "
         f"{load_before[0]:.1f}/{environment['load_average_after'][0]:.1f}.\nReproduce: `{command}`")
-  output = pathlib.Path(_OUTPUT.value)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(json.dumps({"command": command, "environment": environment, "rows": rows}, indent=1))
-  print(f"wrote {output}")
+  timing.write_results(_OUTPUT.value, command, environment, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Each sampler is one jitted call on the same random weights, keys and settings (t
                 number of steps.
 All draw code i with the same key, so the codes they agree on are reported as a check. tokens/s =
 batch · positions / seconds of the best repeat after a warm-up (compilation); medians alongside.
-Prints a markdown table and writes bench/results/sampling.json.
+Prints a markdown table and writes bench/results/sampling.json (timing: bench/timing.py).
 """
 
 import os
@@ -26,16 +26,12 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import timing  # noqa: E402
 from mmjax import generate  # noqa: E402
 from mmjax.models import attention, dalle  # noqa: E402
 
@@ -71,13 +67,14 @@ def full_forward_sampler(model, settings, steps):
 
 
 def timed(fn, repeats):
-  out = fn()  # warm-up: compiles
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
+  """(output as numpy, [seconds]) of `repeats` calls after a warm-up (compilation)."""
+  out, times = timing.repeat(fn, repeats)
   return np.asarray(out), times
+
+
+def rate_fields(sampler, tokens, times):
+  best, median = timing.rates(tokens, times)
+  return {f"{sampler}_tokens_per_s": best, f"{sampler}_median_tokens_per_s": median}
 
 
 def bench_case(name, fields, batch, repeats, full_steps):
@@ -103,12 +100,9 @@ def bench_case(name, fields, batch, repeats, full_steps):
       "patterns": list(attention.layer_patterns(model.num_layers)),
       "params": int(sum(x.size for x in jax.tree.leaves(params))),
       "kv_cache_positions": n, "full_forward_positions": full_steps,
-      "kv_cache_tokens_per_s": batch * n / min(cached_times),
-      "kv_cache_median_tokens_per_s": batch * n / statistics.median(cached_times),
-      "kv_cache_scanned_tokens_per_s": batch * n / min(scanned_times),
-      "kv_cache_scanned_median_tokens_per_s": batch * n / statistics.median(scanned_times),
-      "full_forward_tokens_per_s": batch * full_steps / min(full_times),
-      "full_forward_median_tokens_per_s": batch * full_steps / statistics.median(full_times),
+      **rate_fields("kv_cache", batch * n, cached_times),
+      **rate_fields("kv_cache_scanned", batch * n, scanned_times),
+      **rate_fields("full_forward", batch * full_steps, full_times),
       "kv_cache_times_s": cached_times, "kv_cache_scanned_times_s": scanned_times,
       "full_forward_times_s": full_times,
       "codes_agreeing": float(np.mean(cached[:, :full_steps] == recomputed)),
@@ -123,52 +117,31 @@ def bench_case(name, fields, batch, repeats, full_steps):
 
 
 def table(rows):
-  lines = ["| case | width × layers (heads) | T + N | params | batch | KV cache tok/s (median) "
-           "| KV cache, scanned layers | full forward tok/s (median) | speedup |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['case']} | {r['width']} × {r['num_layers']} ({r['num_heads']}) | {r['text_length']} + "
-                 f"{r['image_tokens']} | {r['params'] / 1e6:.2f}M | {r['batch']} | "
-                 f"{r['kv_cache_tokens_per_s']:.4g} ({r['kv_cache_median_tokens_per_s']:.4g}) | "
-                 f"{r['kv_cache_scanned_tokens_per_s']:.4g} ({r['kv_cache_scanned_median_tokens_per_s']:.4g}) | "
-                 f"{r['full_forward_tokens_per_s']:.4g} ({r['full_forward_median_tokens_per_s']:.4g}) | "
-                 f"{r['speedup']:.1f}× |")
-  return "\n".join(lines)
-
-
-def cpu_name():
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+  headers = ["case", "width × layers (heads)", "T + N", "params", "batch", "KV cache tok/s (median)",
+             "KV cache, scanned layers", "full forward tok/s (median)", "speedup"]
+  return timing.markdown_table(headers, [
+      [r["case"], f"{r['width']} × {r['num_layers']} ({r['num_heads']})", f"{r['text_length']} + {r['image_tokens']}",
+       f"{r['params'] / 1e6:.2f}M", r["batch"],
+       f"{r['kv_cache_tokens_per_s']:.4g} ({r['kv_cache_median_tokens_per_s']:.4g})",
+       f"{r['kv_cache_scanned_tokens_per_s']:.4g} ({r['kv_cache_scanned_median_tokens_per_s']:.4g})",
+       f"{r['full_forward_tokens_per_s']:.4g} ({r['full_forward_median_tokens_per_s']:.4g})", f"{r['speedup']:.1f}×"]
+      for r in rows])
 
 
 def main(argv):
   del argv
-  unknown = sorted(set(_CASES.value) - set(CASES))
-  if unknown:
-    raise app.UsageError(f"--cases: unknown {unknown}, expected some of {list(CASES)}")
-  load_before = os.getloadavg()
-  rows = [bench_case(name, CASES[name], _BATCH.value, _REPEATS.value, _FULL_STEPS.value) for name in _CASES.value]
-  command = " ".join([".venv/bin/python", "bench/sampling.py"] + sys.argv[1:])
-  environment = {
-      "cpu": cpu_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-      "jax_devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "load_average_before": load_before, "load_average_after": os.getloadavg(),
-  }
+  cases = timing.select_cases(_CASES.value, CASES)
+  load_before = timing.load_average()
+  rows = [bench_case(name, CASES[name], _BATCH.value, _REPEATS.value, _FULL_STEPS.value) for name in cases]
+  command = timing.command_line("sampling.py")
+  environment = timing.environment(load_before)
   print()
   print(table(rows))
   print(f"\nf32, temperature 1; tokens/s from the best of {_REPEATS.value} repeats (median in brackets); the "
         f"KV cache over all N positions (prefill included), the full forward over the first "
         f"{_FULL_STEPS.value}. Load average before/after {load_before[0]:.1f}/"
         f"{environment['load_average_after'][0]:.1f} on {os.cpu_count()} cores.\nReproduce: `{command}`")
-  output = pathlib.Path(_OUTPUT.value)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(json.dumps({"command": command, "environment": environment, "rows": rows}, indent=1))
-  print(f"wrote {output}")
+  timing.write_results(_OUTPUT.value, command, environment, rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""bench/timing.py: repeats, alternation, rates, the markdown table and the JSON it writes (no torch)."""
+
+import importlib.util
+import json
+import pathlib
+
+from absl import app
+import pytest
+
+TIMING_PATH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "timing.py"
+
+
+def load_timing():
+  """bench/ is scripts, not a package: load timing.py by path."""
+  spec = importlib.util.spec_from_file_location("bench_timing", TIMING_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+timing = load_timing()
+
+
+def test_repeat_warms_up_once_then_times_each_call():
+  calls = []
+  out, times = timing.repeat(lambda: calls.append(len(calls)) or len(calls), repeats=3)
+  assert calls == [0, 1, 2, 3]           # one warm-up call, then three timed ones
+  assert out == 4 and len(times) == 3 and all(t >= 0 for t in times)
+  _, times = timing.repeat(lambda: None, repeats=2, warmup=False)
+  assert len(times) == 2
+  with pytest.raises(ValueError, match="repeats=0"):
+    timing.repeat(lambda: None, repeats=0)
+
+
+def test_alternating_interleaves_the_contenders():
+  order = []
+  times = timing.alternating({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3)
+  assert order == ["a", "b"] * 3
+  assert list(times) == ["a", "b"] and all(len(t) == 3 for t in times.values())
+
+
+def test_rates_come_from_the_best_and_the_median_repeat():
+  best, median = timing.rates(8, [0.5, 0.25, 1.0, 2.0])
+  assert best == pytest.approx(32.0)           # 8 / 0.25
+  assert median == pytest.approx(8 / 0.75)     # the median of four is the mean of the middle two
+  assert timing.rates(3, [1.5, 0.5, 1.0]) == pytest.approx((6.0, 3.0))
+  with pytest.raises(ValueError, match="no timed repeats"):
+    timing.rates(1, [])
+
+
+def test_markdown_table_rows_and_separator():
+  text = timing.markdown_table(["case", "img/s"], [["tiny", 12.5], ["small", "3 (2.9)"]])
+  assert text.splitlines() == ["| case | img/s |", "|---|---|", "| tiny | 12.5 |", "| small | 3 (2.9) |"]
+  with pytest.raises(ValueError, match="row 1 has 1 cells, expected 2"):
+    timing.markdown_table(["case", "img/s"], [["tiny", 1], ["small"]])
+
+
+def test_select_cases_keeps_order_and_names_the_flag():
+  assert timing.select_cases(["b", "a"], {"a": 1, "b": 2}) == ["b", "a"]
+  with pytest.raises(app.UsageError, match=r"--calls: unknown \['c'\]"):
+    timing.select_cases(["a", "c"], ("a", "b"), flag="--calls")
+
+
+def test_environment_and_results_file(tmp_path, capsys):
+  environment = timing.environment((1.0, 2.0, 3.0), torch_threads=2)
+  assert environment["load_average_before"] == [1.0, 2.0, 3.0] and environment["torch_threads"] == 2
+  assert len(environment["load_average_after"]) == 3 and environment["cpu"]
+  path = tmp_path / "results" / "x.json"
+  timing.write_results(path, "cmd", environment, [{"case": "tiny", "ratio": 1.5}])
+  assert json.loads(path.read_text()) == {"command": "cmd", "environment": environment,
+                                          "rows": [{"case": "tiny", "ratio": 1.5}]}
+  assert f"wrote {path}" in capsys.readouterr().out
