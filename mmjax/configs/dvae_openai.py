@@ -27,13 +27,14 @@ def model_config():
       "output_channels": 3,      # the decoder emits 2·3 logit-Laplace statistics per pixel
       "dtype": "bfloat16",
       "param_dtype": "float32",
-      "remat": False,            # True recomputes each resblock in the backward pass (less HBM)
+      "remat": True,             # recompute each resblock in the backward pass (less HBM)
   })
 
 
 def training_config(config, num_train_steps=3_000_000, learning_rate=1e-4, warmup_steps=2000,
                     decay_steps=1_200_000, end_learning_rate=1.25e-6, temperature_steps=150_000,
-                    kl_weight=6.6, kl_warmup_steps=5000, ema_decay=0.999, min_log_scale=None):
+                    kl_weight=6.6, kl_warmup_steps=5000, ema_decay=0.999, min_log_scale=None,
+                    accumulation_steps=1, microbatch_per_shard=1, accumulation_dtype="float32"):
   """The dVAE trainer's fields (mmjax/train/dvae.py), by default the paper's recipe (DALL·E §A.2):
   3M updates; AdamW β=(0.9, 0.999), ε=1e-8, weight decay 1e-4, step size cosine-annealed
   1e-4 → 1.25e-6 over 1.2M updates (the 2k-step linear warmup is ours); gumbel-softmax
@@ -51,6 +52,11 @@ def training_config(config, num_train_steps=3_000_000, learning_rate=1e-4, warmu
       "grad_clip_norm": 0.0,                # 0 = no clipping
   })
   config.ema_decay = ema_decay              # EMA of the params: eval and export use it
+  # Gradient accumulation (mmjax.train.accumulate): microbatches per update, or with 0 as many as
+  # keep `microbatch_per_shard` images on each batch shard, whatever the slice size.
+  config.accumulation_steps = accumulation_steps
+  config.microbatch_per_shard = microbatch_per_shard
+  config.accumulation_dtype = accumulation_dtype  # the running gradient sum: "float32" or "bfloat16"
   config.temperature = ml_collections.ConfigDict({  # gumbel-softmax τ, cosine start → end
       "start": 1.0, "end": 1.0 / 16, "anneal_steps": temperature_steps})
   config.kl = ml_collections.ConfigDict({   # β, linear 0 → weight
@@ -81,7 +87,8 @@ def get_config():
   config.data.pixel_map = "dvae"
   config.tokenizer = common.tokenizer_config(vocab_size=16384)
   config.model = model_config()
-  training_config(config)
+  # 512 images = 16 microbatches of 2 images per chip on a v5e-16 (see bench/results/aot.md).
+  training_config(config, accumulation_steps=0, microbatch_per_shard=2)
   # TFRecords/folders have no validation split: eval reads these many batches of the data.
   config.eval_batches = 4
   return config

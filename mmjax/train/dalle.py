@@ -15,10 +15,11 @@ AdamW with the paper's β2 0.96, weight decay 4.5e-2 (not on gains, biases, embe
 tables) and clipping at global norm 4; the step size warms up linearly then follows a cosine
 (config.optimizer; the schedule is the dVAE trainer's).
 
-Gradient accumulation: `config.accumulation_steps = k` microbatches per update (0 = as many as keep
-`config.microbatch_per_shard` rows on each batch shard, so one config serves any slice), a
-`lax.scan` summing their gradients in `config.accumulation_dtype`. The loss is a per-example mean,
-so the average is the whole batch's gradient up to rounding, with the activations of B/k rows.
+Gradient accumulation (mmjax.train.accumulate): `config.accumulation_steps = k` microbatches per
+update (0 = as many as keep `config.microbatch_per_shard` rows on each batch shard, so one config
+serves any slice), a `lax.scan` summing their gradients in `config.accumulation_dtype`. The loss is
+a per-example mean, so the average is the whole batch's gradient up to rounding, with the
+activations of B/k rows.
 
 Memory switches the 12B needs on 16 GiB chips (all off in the tiny configs):
   param_copy_dtype   gradients of a bf16 copy of the matrices (half-size all-gathers and gradients)
@@ -45,15 +46,15 @@ import optax
 from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import sharding
 from mmjax.errors import ConfigError
 from mmjax.input_pipeline import pipeline, token_files, token_pipeline
 from mmjax.models import dalle
-from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import accumulate, checkpoint as checkpoint_lib
 from mmjax.train import metrics as metrics_lib, state as state_lib
 # The warmup + cosine schedule and the fast-compiling sharded init are the dVAE trainer's.
+from mmjax.train.accumulate import accumulation_steps
 from mmjax.train.dvae import create_sharded_state, learning_rate_schedule
 
 EXPORT_DIR = "dalle"
@@ -73,12 +74,7 @@ def check_config(config):
       raise ConfigError(f"config.{field}: {message}")
   require(config.num_train_steps > 0, "num_train_steps", f"must be positive, got {config.num_train_steps}")
   require(config.data.source in SOURCES, "data.source", f"{config.data.source!r} is not one of {SOURCES}")
-  require(config.accumulation_steps >= 0, "accumulation_steps",
-          f"must be >= 1, or 0 (from microbatch_per_shard), got {config.accumulation_steps}")
-  require(config.accumulation_steps or config.microbatch_per_shard > 0, "microbatch_per_shard",
-          f"must be positive when config.accumulation_steps=0, got {config.microbatch_per_shard}")
-  require(config.accumulation_dtype in ("float32", "bfloat16"), "accumulation_dtype",
-          f"expected 'float32' or 'bfloat16', got {config.accumulation_dtype!r}")
+  accumulate.check_config(config)
   require(0 <= config.ema_decay < 1, "ema_decay", f"must be in [0, 1) (0 = no EMA), got {config.ema_decay}")
   opt = config.optimizer
   require(0 <= opt.warmup_steps < opt.decay_steps, "optimizer.decay_steps",
@@ -92,26 +88,6 @@ def check_config(config):
           f"{config.sample_every_steps}")
   if config.sample_every_steps:
     _sampler()  # fails now, not after hours of training
-
-
-def accumulation_steps(config, mesh):
-  """Microbatches per update: config.accumulation_steps, or with 0 as many as keep
-  config.microbatch_per_shard rows on each batch shard (so one config serves any slice size)."""
-  batch = config.data.global_batch
-  shards = math.prod(mesh.shape[axis] for axis in sharding.batch_axes(config.logical_axis_rules))
-  steps = config.accumulation_steps
-  if not steps:
-    rows = config.microbatch_per_shard * shards
-    if batch % rows:
-      raise ConfigError(f"config.microbatch_per_shard={config.microbatch_per_shard}: microbatches of "
-                        f"{config.microbatch_per_shard} rows × {shards} batch shards = {rows} rows do not "
-                        f"divide config.data.global_batch={batch}")
-    steps = batch // rows
-  if batch % steps or (batch // steps) % shards:
-    raise ConfigError(f"config.accumulation_steps={steps}: config.data.global_batch={batch} does not split into "
-                      f"{steps} microbatches of a multiple of the {shards} batch shards; use a global batch "
-                      f"that is a multiple of {steps * shards}")
-  return steps
 
 
 # ----------------------------------------------------------------------------- data
@@ -244,13 +220,6 @@ def _loss_fn(config, apply_fn, params, batch):
                           text_loss_weight=config.text_loss_weight)
 
 
-def _to_microbatches(x, steps, sharding_):
-  """[B, ...] → [steps, B/steps, ...]; microbatch m holds rows m, m + steps, …, so with the batch split
-  in contiguous blocks over the devices every microbatch is spread over all of them (no data moves)."""
-  x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
-  return jax.lax.with_sharding_constraint(x, sharding_)
-
-
 def compute_copy(params, dtype):
   """The params' matrices (ndim ≥ 2) in `dtype` ("" = unchanged); gains and biases stay f32.
 
@@ -274,23 +243,15 @@ def gradients(config, mesh, steps, param_shardings, apply_fn, params, batch):
   """
   grad_fn = jax.value_and_grad(functools.partial(_loss_fn, config, apply_fn), has_aux=True)
   copy = compute_copy(params, config.param_copy_dtype)
-  if steps == 1:
-    (_, metrics), grads = grad_fn(copy, batch)
-    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), metrics
-  axes = sharding.batch_axes(config.logical_axis_rules)
-  micro = NamedSharding(mesh, PartitionSpec(None, axes or None))
-  microbatches = {k: _to_microbatches(v, steps, micro) for k, v in batch.items()}
-  dtype = jnp.dtype(config.accumulation_dtype)
 
-  def accumulate(total, microbatch):
+  def microbatch_gradients(microbatch, index):
+    del index  # the loss draws no noise
     (_, metrics), grads = grad_fn(copy, microbatch)
-    total = jax.tree.map(lambda t, g: t + g.astype(dtype), total, grads)
-    return jax.lax.with_sharding_constraint(total, param_shardings), metrics
+    return metrics, grads
 
-  zeros = jax.lax.with_sharding_constraint(jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params),
-                                           param_shardings)
-  total, metrics = jax.lax.scan(accumulate, zeros, microbatches)
-  grads = jax.tree.map(lambda t, p: (t.astype(jnp.float32) / steps).astype(p.dtype), total, params)
+  grads, metrics = accumulate.mean_gradients(
+      microbatch_gradients, params, batch, steps=steps, mesh=mesh, rules=config.logical_axis_rules,
+      param_shardings=param_shardings, dtype=config.accumulation_dtype)
   return grads, jax.tree.map(jnp.mean, metrics)
 
 

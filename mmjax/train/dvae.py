@@ -15,6 +15,12 @@ on a cosine schedule, β rises linearly 0 → 6.6, the learning rate warms up th
 cosine (config.temperature, config.kl, config.optimizer). Eval and export use the EMA of the
 params and argmax codes (no noise), which is what the transformer will be trained on.
 
+Gradient accumulation (mmjax.train.accumulate, as the DALL·E trainer): `config.accumulation_steps
+= k` microbatches per update (0 = as many as keep `config.microbatch_per_shard` images on each
+batch shard), their gradients summed in `config.accumulation_dtype`. The gumbel noise of each
+image is keyed by its row in the global batch, so k changes neither the gradient (up to rounding)
+nor the metrics, only the activation memory (that of B/k images).
+
 Workdir: checkpoints/ (Orbax, resumed automatically with the data iterator position),
 tensorboard/, reconstructions/step_N.png (originals above reconstructions), dvae/ (the
 exported EMA params + model.json, loaded with `checkpoint.load_model`; model.json records the
@@ -33,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
@@ -40,7 +47,7 @@ from mmjax import sharding
 from mmjax.errors import ConfigError
 from mmjax.input_pipeline import pipeline, preprocess
 from mmjax.models import dvae
-from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import accumulate, checkpoint as checkpoint_lib
 from mmjax.train import image_grid, metrics as metrics_lib, state as state_lib
 from mmjax.train import workdir as workdir_lib
 
@@ -102,6 +109,7 @@ def check_config(config):
     require(config[field] > 0, field, f"must be positive, got {config[field]}")
   require(config.eval_batches >= 0, "eval_batches", f"must be >= 0 (0 = the whole split), got "
           f"{config.eval_batches}")
+  accumulate.check_config(config)
 
 
 # ----------------------------------------------------------------------------- model and state
@@ -164,45 +172,84 @@ def floor_log_scale(stats, min_log_scale):
   return jnp.concatenate([location, jnp.maximum(log_scale, min_log_scale)], axis=-1)
 
 
-def train_step(config, state, batch):
-  """One AdamW update on the (temperature, β)-weighted loss; returns (state, scalar metrics)."""
-  images = batch["image"]
+def gumbel_codes(logits, temperature, rng, rows):
+  """Gumbel-softmax sample (f32) whose noise for each image is keyed by its row in the global batch
+  (`fold_in(rng, row)`): the step's noise is the same however the batch is split into microbatches."""
+  draw = lambda row: jax.random.gumbel(jax.random.fold_in(rng, row), logits.shape[1:], jnp.float32)
+  noise = nn.with_logical_constraint(jax.vmap(draw)(rows), dvae.BATCH_ONLY)
+  return jax.nn.softmax((logits.astype(jnp.float32) + noise) / temperature, axis=-1)
+
+
+def _microbatch_loss(config, apply_fn, temperature, kl_weight, rng, steps, params, images, index):
+  """(loss, metrics) of one microbatch: per-image means (so the mean over equal microbatches is the
+  batch's) and the histogram of its argmax codes (summed over microbatches for codebook use)."""
+  variables = {"params": params}
+  logits = apply_fn(variables, images, method="encode")
+  rows = accumulate.microbatch_rows(index, steps, images.shape[0])
+  stats = apply_fn(variables, gumbel_codes(logits, temperature, rng, rows), method="decode")
+  stats = floor_log_scale(stats, config.get("min_log_scale"))
+  nll, kl = dvae.logit_laplace_nll(stats, images), dvae.kl_to_uniform(logits)
+  pixel_dims, positions = math.prod(images.shape[1:]), math.prod(logits.shape[1:3])
+  loss = jnp.mean(nll + kl_weight * kl) / pixel_dims
+  mse = jnp.mean((dvae.reconstruct_pixels(stats) - dvae.unmap_pixels(images)) ** 2, axis=(1, 2, 3))
+  vocab = logits.shape[-1]
+  metrics = {
+      "loss": loss,
+      "nll_per_dim": jnp.mean(nll) / pixel_dims,
+      "kl_per_code": jnp.mean(kl) / positions,
+      "mse": jnp.mean(mse),
+      "psnr": jnp.mean(_psnr(mse)),
+      "code_counts": jnp.bincount(jnp.argmax(logits, axis=-1).reshape(-1), length=vocab),
+  }
+  return loss, metrics
+
+
+def _perplexity_of_counts(counts):
+  """exp(entropy) of a code histogram (as `dvae.codebook_perplexity(logits, hard=True)`)."""
+  usage = counts / jnp.sum(counts)
+  return jnp.exp(-jnp.sum(jnp.where(usage > 0, usage * jnp.log(jnp.where(usage > 0, usage, 1.0)), 0.0)))
+
+
+def gradients(config, mesh, steps, param_shardings, state, batch):
+  """(f32 grads, scalar metrics) of the batch's loss over `steps` microbatches (mmjax.train.accumulate).
+
+  The loss is a per-image mean and the gumbel noise of each image is keyed by its global row, so
+  any number of microbatches gives the full batch's gradient (up to rounding) and its metrics:
+  means of per-image means, and perplexity / codes_used of the summed code histogram.
+  """
   step = state.step
   temperature = temperature_schedule(config)(step)
   kl_weight = kl_weight_schedule(config)(step)
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), step)
-  pixel_dims = math.prod(images.shape[1:])
+  loss_fn = functools.partial(_microbatch_loss, config, state.apply_fn, temperature, kl_weight, rng, steps)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def loss_fn(params):
-    logits, stats = state.apply_fn({"params": params}, images, temperature=temperature, rng=rng)
-    stats = floor_log_scale(stats, config.get("min_log_scale"))
-    nll, kl = dvae.logit_laplace_nll(stats, images), dvae.kl_to_uniform(logits)
-    loss = jnp.mean(nll + kl_weight * kl) / pixel_dims
-    return loss, (logits, stats, nll, kl)
+  def microbatch_gradients(microbatch, index):
+    (_, metrics), grads = grad_fn(state.params, microbatch["image"], index)
+    return metrics, grads
 
-  (loss, (logits, stats, nll, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads, metrics = accumulate.mean_gradients(
+      microbatch_gradients, state.params, batch, steps=steps, mesh=mesh, rules=config.logical_axis_rules,
+      param_shardings=param_shardings, dtype=config.accumulation_dtype)
+  counts = jnp.sum(metrics.pop("code_counts"), axis=0)
+  scalars = {k: jnp.mean(v) for k, v in metrics.items()}
+  scalars.update(perplexity=_perplexity_of_counts(counts), codes_used=jnp.mean(counts > 0),
+                 temperature=temperature, kl_weight=kl_weight)
+  return grads, scalars
+
+
+def train_step(config, mesh, steps, param_shardings, state, batch):
+  """One AdamW update on the (temperature, β)-weighted loss; returns (state, scalar metrics)."""
+  grads, scalars = gradients(config, mesh, steps, param_shardings, state, batch)
   new_state = state.apply_gradients(grads=grads)
-  positions = math.prod(logits.shape[1:3])
-  mse = jnp.mean((dvae.reconstruct_pixels(stats) - dvae.unmap_pixels(images)) ** 2, axis=(1, 2, 3))
-  scalars = {
-      "loss": loss,
-      "nll_per_dim": jnp.mean(nll) / pixel_dims,
-      "kl_per_code": jnp.mean(kl) / positions,
-      "temperature": temperature,
-      "kl_weight": kl_weight,
-      "learning_rate": learning_rate_schedule(config)(step),
-      "grad_norm": optax.tree.norm(grads),
-      "perplexity": dvae.codebook_perplexity(logits, hard=True),
-      "codes_used": dvae.codebook_usage(logits),
-      "mse": jnp.mean(mse),
-      "psnr": jnp.mean(_psnr(mse)),
-  }
+  scalars.update(learning_rate=learning_rate_schedule(config)(state.step), grad_norm=optax.tree.norm(grads))
   return new_state, scalars
 
 
 def jit_train_step(config, state_shardings, mesh):
   rules = config.logical_axis_rules
-  return jax.jit(functools.partial(train_step, config),
+  steps = accumulate.accumulation_steps(config, mesh)
+  return jax.jit(functools.partial(train_step, config, mesh, steps, state_shardings.params),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
@@ -215,6 +262,7 @@ def batch_shapes(config):
 def aot_train_step(config, mesh):
   """(jitted train step, (abstract state, abstract batch)) for `mmjax.tools.aot`."""
   check_config(config)
+  accumulate.accumulation_steps(config, mesh)
   model = create_model(config)
   state, state_shardings, _, _ = abstract_state(config, model, mesh)
   batch = sharding.abstract_global_batch(batch_shapes(config), mesh, config.logical_axis_rules)
@@ -367,6 +415,7 @@ def run(config, workdir):
   # Mesh.
   mesh = sharding.create_mesh(config.mesh)
   logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  logging.info("%d microbatches per update", accumulate.accumulation_steps(config, mesh))
 
   # Data: this host's part of every global batch; images only. TFDS sets are built once, on
   # process 0, while the other hosts wait.

@@ -1,5 +1,7 @@
-"""The dVAE trainer end to end on a tiny config over 8 fake devices: loss, shardings, resume, export, AOT."""
+"""The dVAE trainer end to end on a tiny config over 8 fake devices: loss, shardings, resume, export,
+accumulation, AOT."""
 
+import functools
 import os
 
 import jax
@@ -14,11 +16,13 @@ from mmjax.configs import common, dvae_openai, dvae_shapes
 from mmjax.errors import ConfigError
 from mmjax.input_pipeline import pipeline
 from mmjax.models import dvae
-from mmjax.train import checkpoint
+from mmjax.train import accumulate, checkpoint
 from mmjax.train import dvae as trainer
 from tests.train.trainer_utils import run_like_main, scalars
 
 STEPS = 6
+# XLA:CPU options for jits that run once (seconds instead of a minute to compile).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def tiny_config(data_dir, **fields):
@@ -140,6 +144,8 @@ def test_schedules_follow_the_paper():
     ("num_train_steps", 0, r"config\.num_train_steps"),
     ("data.pixel_map", "unit", r"config\.data\.pixel_map"),
     ("data.image_size", 18, r"config\.data\.image_size: 18 is not divisible by .* = 4"),
+    ("accumulation_steps", -1, r"config\.accumulation_steps: must be >= 1, or 0"),
+    ("accumulation_dtype", "float16", r"config\.accumulation_dtype: expected 'float32' or 'bfloat16', got 'float16'"),
 ])
 def test_bad_training_fields_are_named(field, value, match):
   config = dvae_shapes.get_config("shapes")
@@ -147,6 +153,59 @@ def test_bad_training_fields_are_named(field, value, match):
   (config[parent] if parent else config)[leaf] = value
   with pytest.raises(ConfigError, match=match):
     trainer.check_config(config)
+
+
+def test_accumulation_fields_are_named(data_dir):
+  with pytest.raises(ConfigError, match=r"config\.microbatch_per_shard: must be positive when "
+                                        r"config\.accumulation_steps=0, got 0"):
+    trainer.check_config(tiny_config(data_dir, accumulation_steps=0, microbatch_per_shard=0))
+  mesh = sharding.create_mesh(common.mesh_config(data=2, fsdp=4))  # 8 batch shards
+  assert accumulate.accumulation_steps(tiny_config(data_dir, accumulation_steps=0, microbatch_per_shard=1),
+                                       mesh) == 2
+  with pytest.raises(ConfigError, match=r"config\.microbatch_per_shard=3: .* 24 rows do not divide "
+                                        r"config\.data\.global_batch=16"):
+    trainer.aot_train_step(tiny_config(data_dir, accumulation_steps=0, microbatch_per_shard=3), mesh)
+  with pytest.raises(ConfigError, match=r"config\.accumulation_steps=4: .* multiple of 32"):
+    trainer.aot_train_step(tiny_config(data_dir, accumulation_steps=4), mesh)
+  # The full-size config: 2 images per batch shard, here 512 / (2 × 8) microbatches.
+  openai = dvae_openai.get_config()
+  assert openai.data.global_batch == 512 and openai.model.remat
+  assert accumulate.accumulation_steps(openai, sharding.create_mesh(openai.mesh)) == 32
+
+
+def test_accumulation_gives_the_full_batch_gradient(data_dir):
+  config = tiny_config(data_dir)
+  config.data.global_batch = 32
+  config.kl.warmup_steps = 0  # β at full weight from step 0, so the KL term has a gradient too
+  mesh, rules = sharding.create_mesh(config.mesh), config.logical_axis_rules
+  model = trainer.create_model(config)
+  abstract, shardings, init_fn, rng = trainer.abstract_state(config, model, mesh)
+  state = trainer.create_sharded_state(init_fn, abstract, shardings, mesh, rules, rng)
+  # Bright pixels: at init the decoder's location is near 0 < logit(pixel), so the NLL's gradient
+  # has one sign everywhere. (Uniform noise images give gradients of random sign whose sums cancel
+  # ~100-fold, and batch-size-dependent CPU conv rounding then shows at the 1e-4 level.)
+  pixels = np.random.default_rng(0).uniform(0.6, 1.0, size=(32, 16, 16, 3)).astype(np.float32)
+  batch = sharding.make_global_batch({"image": np.asarray(dvae.map_pixels(pixels))}, mesh, rules)
+  results = {}
+  with sharding.mesh_and_rules(mesh, rules):
+    # 4 microbatches of 8 images (one per batch shard), summed in f32 (the bf16 sum is
+    # tested with the DALL·E trainer, which shares mmjax.train.accumulate).
+    for steps in (1, 4):
+      gradients = jax.jit(functools.partial(trainer.gradients, config, mesh, steps, shardings.params),
+                          compiler_options=FAST_COMPILE)
+      results[steps] = jax.device_get(gradients(state, batch))
+  (full, full_metrics), (accumulated, accumulated_metrics) = results[1], results[4]
+  largest = max(np.abs(g).max() for g in jax.tree.leaves(full))
+  assert largest > 1e-3
+  assert 1 < full_metrics["perplexity"] <= 32 and 0 < full_metrics["codes_used"] <= 1
+  # The same gradient and metrics up to float rounding: the gumbel noise of each image is keyed by
+  # its row in the batch, not by its microbatch.
+  for name in ("loss", "nll_per_dim", "kl_per_code", "mse", "psnr", "perplexity", "codes_used"):
+    np.testing.assert_allclose(accumulated_metrics[name], full_metrics[name], rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(optax.tree.norm(accumulated), optax.tree.norm(full), rtol=1e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(accumulated), jax.tree.leaves(full)):
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * largest, err_msg=jax.tree_util.keystr(path))
 
 
 def test_aot_train_step_compiles_for_a_tpu_slice(data_dir):
