@@ -6,7 +6,10 @@ The model is the released `dall_e` architecture (n_hid 256, 4 groups × 2 resblo
 ≈98M parameters, 54M in the encoder), so OpenAI's weights convert onto it with
 `python -m mmjax.tools.convert_openai_dvae`. Sized for a v5e-16 slice: the global batch of 512
 splits 16 ways (32 images per chip) and parameters plus AdamW moments are sharded 4 ways (fsdp)
-within data-parallel groups of 4.
+within data-parallel groups of 4. Each resblock is rematerialised and the gradient accumulated
+over microbatches of 2 images per chip (16 per update on a v5e-16), which compiles to 3.44 GiB per
+v5e chip (`python -m mmjax.tools.aot --config=mmjax/configs/dvae_openai.py --topology=v5e:4x4`;
+bench/results/aot.md).
 """
 
 import ml_collections
