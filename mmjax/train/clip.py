@@ -51,7 +51,7 @@ from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import contrastive, metrics as metrics_lib, state as state_lib
 from mmjax.train import workdir as workdir_lib
 # The warmup + cosine schedule and the fast-compiling sharded init are the dVAE trainer's.
-from mmjax.train.dvae import create_sharded_state, learning_rate_schedule
+from mmjax.train.state import create_sharded_state, learning_rate_schedule
 
 EXPORT_DIR = "clip"
 # Leaves that take no weight decay: gains ("scale"), biases, every embedding, the temperature.
@@ -357,12 +357,8 @@ def run(config, workdir):
   abstract, state_shardings, init_fn, init_rng = abstract_state(config, model, mesh)
   checkpoints = checkpoint_lib.TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                                 save_interval_steps=config.checkpoint_every_steps)
-  state, step = checkpoints.restore(abstract, train_iterator)
-  if state is None:
-    state = create_sharded_state(init_fn, abstract, state_shardings, mesh, rules, init_rng)
-    logging.info("Initialised a new CLIP:\n%s", sharding.sharding_report(state.params))
-  else:
-    logging.info("Resumed from step %d in %s", step, checkpoints.directory)
+  state, step = state_lib.restore_or_init(checkpoints, train_iterator, abstract, state_shardings, init_fn, mesh,
+                                         rules, init_rng, "CLIP")
 
   # Step and eval.
   train_step_fn = jit_train_step(config, state_shardings, mesh)

@@ -55,7 +55,7 @@ from mmjax.train import accumulate, checkpoint as checkpoint_lib
 from mmjax.train import metrics as metrics_lib, state as state_lib
 # The warmup + cosine schedule and the fast-compiling sharded init are the dVAE trainer's.
 from mmjax.train.accumulate import accumulation_steps
-from mmjax.train.dvae import create_sharded_state, learning_rate_schedule
+from mmjax.train.state import create_sharded_state, learning_rate_schedule
 
 EXPORT_DIR = "dalle"
 SAMPLES_DIR = "samples"
@@ -393,12 +393,8 @@ def run(config, workdir):
   abstract, state_shardings, init_fn, rng = abstract_state(config, model, mesh)
   checkpoints = checkpoint_lib.TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                                 save_interval_steps=config.checkpoint_every_steps)
-  state, step = checkpoints.restore(abstract, train_iterator)
-  if state is None:
-    state = create_sharded_state(init_fn, abstract, state_shardings, mesh, rules, rng)
-    logging.info("Initialised a new DALL·E transformer:\n%s", sharding.sharding_report(state.params))
-  else:
-    logging.info("Resumed from step %d in %s", step, checkpoints.directory)
+  state, step = state_lib.restore_or_init(checkpoints, train_iterator, abstract, state_shardings, init_fn, mesh,
+                                         rules, rng, "DALL·E transformer")
 
   # Step and eval.
   train_step_fn = jit_train_step(config, state_shardings, mesh)

@@ -50,10 +50,9 @@ from mmjax.models import dvae
 from mmjax.train import accumulate, checkpoint as checkpoint_lib
 from mmjax.train import image_grid, metrics as metrics_lib, state as state_lib
 from mmjax.train import workdir as workdir_lib
+from mmjax.train.state import create_sharded_state, learning_rate_schedule
 
 EXPORT_DIR = "dvae"
-# XLA:CPU options for code that runs once: skip LLVM's optimisation (minutes → seconds to compile).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 GRID_DIR = "reconstructions"
 
 
@@ -78,14 +77,6 @@ def kl_weight_schedule(config):
       return jnp.asarray(weight, jnp.float32)
     return weight * jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)
   return schedule
-
-
-def learning_rate_schedule(config):
-  """Linear warmup from 0 to `learning_rate`, cosine decay to `end_learning_rate` at `decay_steps`."""
-  opt = config.optimizer
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-      decay_steps=opt.decay_steps, end_value=opt.end_learning_rate)
 
 
 def check_config(config):
@@ -140,17 +131,6 @@ def abstract_state(config, model, mesh):
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
   abstract, shardings = sharding.abstract_sharded_state(init_fn, mesh, config.logical_axis_rules, init_rng)
   return abstract, shardings, init_fn, init_rng
-
-
-def create_sharded_state(init_fn, abstract, shardings, mesh, rules, rng):
-  """`sharding.create_sharded_state`, with the init compiled fast on CPU: it runs once, and XLA:CPU
-  spends a minute optimising the threefry code of ~70 initialisers at its default level."""
-  options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
-  init_leaves = jax.jit(lambda r: jax.tree.leaves(sharding.unbox(init_fn(r))),
-                        out_shardings=jax.tree.leaves(shardings), compiler_options=options)
-  with sharding.mesh_and_rules(mesh, rules):
-    leaves = init_leaves(rng)
-  return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
 # ----------------------------------------------------------------------------- step
@@ -427,12 +407,8 @@ def run(config, workdir):
   abstract, state_shardings, init_fn, init_rng = abstract_state(config, model, mesh)
   checkpoints = checkpoint_lib.TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                                 save_interval_steps=config.checkpoint_every_steps)
-  state, step = checkpoints.restore(abstract, train_iterator)
-  if state is None:
-    state = create_sharded_state(init_fn, abstract, state_shardings, mesh, rules, init_rng)
-    logging.info("Initialised a new dVAE:\n%s", sharding.sharding_report(state.params))
-  else:
-    logging.info("Resumed from step %d in %s", step, checkpoints.directory)
+  state, step = state_lib.restore_or_init(checkpoints, train_iterator, abstract, state_shardings, init_fn, mesh,
+                                         rules, init_rng, "dVAE")
 
   # Step and eval.
   train_step_fn = jit_train_step(config, state_shardings, mesh)

@@ -5,8 +5,14 @@ from typing import Any
 
 import jax
 import optax
+from absl import logging
 from flax import struct
 from flax.training import train_state
+
+from mmjax import sharding
+
+# XLA:CPU options for code that runs once: skip LLVM's optimisation (minutes → seconds to compile).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class TrainState(train_state.TrainState):
@@ -43,6 +49,37 @@ def adamw(learning_rate, config, mask=no_decay_mask):
   chain.append(optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.get("eps", 1e-8),
                            weight_decay=config.weight_decay, mask=mask))
   return optax.chain(*chain)
+
+
+def learning_rate_schedule(config):
+  """Linear warmup from 0 to `learning_rate`, cosine decay to `end_learning_rate` at `decay_steps`."""
+  opt = config.optimizer
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+      decay_steps=opt.decay_steps, end_value=opt.end_learning_rate)
+
+
+def create_sharded_state(init_fn, abstract, shardings, mesh, rules, rng):
+  """`sharding.create_sharded_state`, with the init compiled fast on CPU: it runs once, and XLA:CPU
+  spends a minute optimising the threefry code of ~70 initialisers at its default level."""
+  options = FAST_COMPILE if jax.default_backend() == "cpu" else None
+  init_leaves = jax.jit(lambda r: jax.tree.leaves(sharding.unbox(init_fn(r))),
+                        out_shardings=jax.tree.leaves(shardings), compiler_options=options)
+  with sharding.mesh_and_rules(mesh, rules):
+    leaves = init_leaves(rng)
+  return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+
+
+def restore_or_init(checkpoints, data_iterator, abstract, shardings, init_fn, mesh, rules, rng, what):
+  """(state, step): the latest checkpoint (restoring the data iterator with it), else a new sharded
+  state at step 0; `what` names the model in the log."""
+  state, step = checkpoints.restore(abstract, data_iterator)
+  if state is None:
+    state = create_sharded_state(init_fn, abstract, shardings, mesh, rules, rng)
+    logging.info("Initialised a new %s:\n%s", what, sharding.sharding_report(state.params))
+  else:
+    logging.info("Resumed from step %d in %s", step, checkpoints.directory)
+  return state, step
 
 
 @dataclasses.dataclass

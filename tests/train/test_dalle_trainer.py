@@ -20,11 +20,10 @@ from mmjax.input_pipeline import token_files
 from mmjax.models import dalle
 from mmjax.train import checkpoint
 from mmjax.train import dalle as trainer
+from mmjax.train import state as state_lib
 from tests.train.trainer_utils import run_like_main, scalars
 
 STEPS = 8
-# XLA:CPU without LLVM's optimisation: these tiny steps compile in a fraction of the time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 TEXT_VOCAB, TEXT_LENGTH, GRID, IMAGE_VOCAB = 40, 6, 4, 32
 TEXT_ROWS = TEXT_VOCAB + TEXT_LENGTH
 
@@ -126,7 +125,7 @@ def test_accumulation_gives_the_full_batch_gradient():
     for steps, dtype in ((1, "float32"), (4, "float32"), (4, "bfloat16")):
       step_config = tiny_config(data__global_batch=32, accumulation_steps=steps, accumulation_dtype=dtype)
       gradients = jax.jit(functools.partial(trainer.gradients, step_config, mesh, steps, shardings.params,
-                                            model.apply), compiler_options=FAST_COMPILE)
+                                            model.apply), compiler_options=state_lib.FAST_COMPILE)
       results[steps, dtype] = jax.device_get(gradients(params, batch))
   full, full_metrics = results[1, "float32"]
   largest = max(np.abs(g).max() for g in jax.tree.leaves(full))

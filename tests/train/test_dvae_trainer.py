@@ -18,11 +18,10 @@ from mmjax.input_pipeline import pipeline
 from mmjax.models import dvae
 from mmjax.train import accumulate, checkpoint
 from mmjax.train import dvae as trainer
+from mmjax.train import state as state_lib
 from tests.train.trainer_utils import run_like_main, scalars
 
 STEPS = 6
-# XLA:CPU options for jits that run once (seconds instead of a minute to compile).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def tiny_config(data_dir, **fields):
@@ -192,7 +191,7 @@ def test_accumulation_gives_the_full_batch_gradient(data_dir):
     # tested with the DALL·E trainer, which shares mmjax.train.accumulate).
     for steps in (1, 4):
       gradients = jax.jit(functools.partial(trainer.gradients, config, mesh, steps, shardings.params),
-                          compiler_options=FAST_COMPILE)
+                          compiler_options=state_lib.FAST_COMPILE)
       results[steps] = jax.device_get(gradients(state, batch))
   (full, full_metrics), (accumulated, accumulated_metrics) = results[1], results[4]
   largest = max(np.abs(g).max() for g in jax.tree.leaves(full))
