@@ -405,10 +405,8 @@ def run(config, workdir):
   # Model and sharded state (restored from the latest checkpoint when there is one).
   model = create_model(config)
   abstract, state_shardings, init_fn, init_rng = abstract_state(config, model, mesh)
-  checkpoints = checkpoint_lib.TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
-                                                save_interval_steps=config.checkpoint_every_steps)
-  state, step = state_lib.restore_or_init(checkpoints, train_iterator, abstract, state_shardings, init_fn, mesh,
-                                         rules, init_rng, "dVAE")
+  state, step, checkpoints = state_lib.restore_or_init(config, workdir, train_iterator, abstract, state_shardings,
+                                                      init_fn, mesh, rules, init_rng, "dVAE")
 
   # Step and eval.
   train_step_fn = jit_train_step(config, state_shardings, mesh)

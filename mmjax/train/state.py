@@ -10,6 +10,7 @@ from flax import struct
 from flax.training import train_state
 
 from mmjax import sharding
+from mmjax.train import checkpoint as checkpoint_lib
 
 # XLA:CPU options for code that runs once: skip LLVM's optimisation (minutes → seconds to compile).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -70,16 +71,18 @@ def create_sharded_state(init_fn, abstract, shardings, mesh, rules, rng):
   return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
-def restore_or_init(checkpoints, data_iterator, abstract, shardings, init_fn, mesh, rules, rng, what):
-  """(state, step): the latest checkpoint (restoring the data iterator with it), else a new sharded
-  state at step 0; `what` names the model in the log."""
+def restore_or_init(config, workdir, data_iterator, abstract, shardings, init_fn, mesh, rules, rng, what):
+  """(state, step, the run's TrainCheckpoints): the latest checkpoint in the workdir (restoring the
+  data iterator with it), else a new sharded state at step 0; `what` names the model in the log."""
+  checkpoints = checkpoint_lib.TrainCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
+                                                save_interval_steps=config.checkpoint_every_steps)
   state, step = checkpoints.restore(abstract, data_iterator)
   if state is None:
     state = create_sharded_state(init_fn, abstract, shardings, mesh, rules, rng)
     logging.info("Initialised a new %s:\n%s", what, sharding.sharding_report(state.params))
   else:
     logging.info("Resumed from step %d in %s", step, checkpoints.directory)
-  return state, step
+  return state, step, checkpoints
 
 
 @dataclasses.dataclass

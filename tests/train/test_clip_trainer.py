@@ -35,11 +35,6 @@ def tiny_config(data_dir, **fields):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   config = tiny_config(data_dir)
