@@ -6,8 +6,8 @@
 
 ARG: shapes (default) | digits | mnist, as for dvae_shapes.py and dvae_encode.py, whose outputs
 (<workdir>/tokens) this reads. Sizes follow them: 32 text tokens from the 1024-piece tokenizer (the
-longest shapes caption is 30 tokens, the longest digits caption 19), an 8×8 grid of codes from a
-vocabulary of 512, so the sequence is 32 + 64 = 96 tokens. Six layers give the paper's schedule
+longest shapes caption is 30 tokens, the longest digits caption 19), a 16×16 grid of codes from a
+vocabulary of 512, so the sequence is 32 + 256 = 288 tokens. Six layers give the paper's schedule
 in small: row, column, row, row, row, conv (5×5 window). f32 compute: bf16 is slow on CPU.
 """
 

@@ -37,7 +37,8 @@ def model_config():
 def training_config(config, num_train_steps=3_000_000, learning_rate=1e-4, warmup_steps=2000,
                     decay_steps=1_200_000, end_learning_rate=1.25e-6, temperature_steps=150_000,
                     kl_weight=6.6, kl_warmup_steps=5000, ema_decay=0.999, min_log_scale=None,
-                    accumulation_steps=1, microbatch_per_shard=1, accumulation_dtype="float32"):
+                    accumulation_steps=1, microbatch_per_shard=1, accumulation_dtype="float32",
+                    likelihood="logit_laplace", gaussian_scale=0.1, straight_through=False, usage_weight=0.0):
   """The dVAE trainer's fields (mmjax/train/dvae.py), by default the paper's recipe (DALL·E §A.2):
   3M updates; AdamW β=(0.9, 0.999), ε=1e-8, weight decay 1e-4, step size cosine-annealed
   1e-4 → 1.25e-6 over 1.2M updates (the 2k-step linear warmup is ours); gumbel-softmax
@@ -68,6 +69,16 @@ def training_config(config, num_train_steps=3_000_000, learning_rate=1e-4, warmu
   # synthetic shapes) otherwise buy unbounded likelihood there; see dvae.floor_log_scale.
   config.min_log_scale = ml_collections.config_dict.placeholder(float)
   config.min_log_scale = min_log_scale
+  # Reconstruction likelihood: the paper's "logit_laplace", or "gaussian" (fixed std gaussian_scale in
+  # the pixel map), which the tiny configs use: see dvae_shapes.py for why.
+  config.likelihood = likelihood
+  config.gaussian_scale = gaussian_scale
+  # True: the decoder sees the gumbel sample's one-hot argmax, gradients flow through the relaxed
+  # sample (straight-through). The paper decodes the relaxed sample itself (False).
+  config.straight_through = straight_through
+  # Weight of KL(batch-mean posterior ‖ uniform) added to the per-pixel-dimension loss: keeps codes
+  # in use without penalising confident posteriors (0 in the paper).
+  config.usage_weight = usage_weight
   config.eval_split = "validation"
   config.eval_batches = 0                   # 0 = the whole split
   config.eval_every_steps = 10_000

@@ -261,6 +261,21 @@ def logit_laplace_nll(stats, target_pixels_mapped):
   return nll.reshape(nll.shape[0], -1).sum(axis=-1)
 
 
+def gaussian_nll(stats, target_pixels_mapped, scale):
+  """Negative log-likelihood (nats) of pixel-mapped targets under a Gaussian of mean sigmoid(μ)
+  (the pixel `reconstruct_pixels` shows) and fixed standard deviation `scale`, summed per image:
+      −ln p = (x − sigmoid(μ))² / (2·scale²) + ln(scale·√(2π))
+  stats [B, H, W, 2C] (the log-scale channels are unused), targets [B, H, W, C] → [B], in f32.
+  """
+  location, _ = split_stats(stats.astype(jnp.float32))
+  x = target_pixels_mapped.astype(jnp.float32)
+  if x.shape != location.shape:
+    raise ValueError(f"gaussian_nll: targets of shape {x.shape} do not match stats of shape "
+                     f"{stats.shape} (expected targets [..., {location.shape[-1]}])")
+  nll = (x - jax.nn.sigmoid(location)) ** 2 / (2 * scale ** 2) + jnp.log(scale * jnp.sqrt(2 * jnp.pi))
+  return nll.reshape(nll.shape[0], -1).sum(axis=-1)
+
+
 def kl_to_uniform(logits):
   """KL(softmax(logits) ‖ uniform over vocab) per position, summed over positions: [B, h, w, V] → [B].
 
@@ -269,6 +284,15 @@ def kl_to_uniform(logits):
   log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   per_position = jnp.sum(jnp.exp(log_q) * log_q, axis=-1) + jnp.log(logits.shape[-1])
   return per_position.reshape(per_position.shape[0], -1).sum(axis=-1)
+
+
+def usage_kl_to_uniform(logits):
+  """KL(mean posterior ‖ uniform): the codebook's average use over every position of the batch
+  against uniform use, a scalar in [0, ln V]. Unlike `kl_to_uniform` it is 0 for confident codes
+  spread evenly over the codebook, so it penalises a collapse onto a few codes, not confidence."""
+  vocab = logits.shape[-1]
+  mean_q = jnp.mean(jax.nn.softmax(logits.reshape(-1, vocab).astype(jnp.float32), axis=-1), axis=0)
+  return jnp.sum(mean_q * jnp.log(jnp.maximum(mean_q, 1e-30))) + jnp.log(vocab)
 
 
 def reconstruct_pixels(stats):

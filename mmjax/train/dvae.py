@@ -12,7 +12,8 @@ pipeline's `pixel_map="dvae"`). The loss is −ELB per *pixel dimension*:
     loss = mean_over_images(NLL + β·KL) / (H·W·C)
 so its scale, and a good learning rate, do not depend on the image size. τ anneals 1 → 1/16
 on a cosine schedule, β rises linearly 0 → 6.6, the learning rate warms up then decays on a
-cosine (config.temperature, config.kl, config.optimizer). Eval and export use the EMA of the
+cosine (config.temperature, config.kl, config.optimizer). The tiny configs swap in what a run of minutes
+needs (`config.likelihood="gaussian"`, `straight_through`, `usage_weight`; see dvae_shapes.py). Eval and export use the EMA of the
 params and argmax codes (no noise), which is what the transformer will be trained on.
 
 Gradient accumulation (mmjax.train.accumulate, as the DALL·E trainer): `config.accumulation_steps
@@ -94,6 +95,10 @@ def check_config(config):
   opt = config.optimizer
   require(0 <= opt.warmup_steps < opt.decay_steps, "optimizer.decay_steps",
           f"must exceed optimizer.warmup_steps={opt.warmup_steps}, got {opt.decay_steps}")
+  require(config.likelihood in ("logit_laplace", "gaussian"), "likelihood",
+          f"expected 'logit_laplace' or 'gaussian', got {config.likelihood!r}")
+  require(config.gaussian_scale > 0, "gaussian_scale", f"must be positive, got {config.gaussian_scale}")
+  require(config.usage_weight >= 0, "usage_weight", f"must be >= 0, got {config.usage_weight}")
   require(config.temperature.end > 0 and config.temperature.start > 0, "temperature",
           f"start and end must be positive, got {config.temperature.start} and {config.temperature.end}")
   for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
@@ -152,12 +157,28 @@ def floor_log_scale(stats, min_log_scale):
   return jnp.concatenate([location, jnp.maximum(log_scale, min_log_scale)], axis=-1)
 
 
-def gumbel_codes(logits, temperature, rng, rows):
+def gumbel_codes(logits, temperature, rng, rows, straight_through=False):
   """Gumbel-softmax sample (f32) whose noise for each image is keyed by its row in the global batch
-  (`fold_in(rng, row)`): the step's noise is the same however the batch is split into microbatches."""
+  (`fold_in(rng, row)`): the step's noise is the same however the batch is split into microbatches.
+
+  `straight_through`: the forward pass gives the sample's one-hot argmax (the decoder sees real
+  codes, as at eval) while gradients flow through the relaxed sample.
+  """
   draw = lambda row: jax.random.gumbel(jax.random.fold_in(rng, row), logits.shape[1:], jnp.float32)
   noise = nn.with_logical_constraint(jax.vmap(draw)(rows), dvae.BATCH_ONLY)
-  return jax.nn.softmax((logits.astype(jnp.float32) + noise) / temperature, axis=-1)
+  soft = jax.nn.softmax((logits.astype(jnp.float32) + noise) / temperature, axis=-1)
+  if not straight_through:
+    return soft
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), soft.shape[-1], dtype=soft.dtype)
+  return soft + jax.lax.stop_gradient(hard - soft)
+
+
+def reconstruction_nll(config, stats, images):
+  """Per-image NLL [B] of the pixel-mapped images under `config.likelihood`: the paper's logit-Laplace
+  (log-scales floored at `config.min_log_scale`) or a Gaussian of std `config.gaussian_scale`."""
+  if config.likelihood == "gaussian":
+    return dvae.gaussian_nll(stats, images, config.gaussian_scale)
+  return dvae.logit_laplace_nll(floor_log_scale(stats, config.min_log_scale), images)
 
 
 def _microbatch_loss(config, apply_fn, temperature, kl_weight, rng, steps, params, images, index):
@@ -166,17 +187,19 @@ def _microbatch_loss(config, apply_fn, temperature, kl_weight, rng, steps, param
   variables = {"params": params}
   logits = apply_fn(variables, images, method="encode")
   rows = accumulate.microbatch_rows(index, steps, images.shape[0])
-  stats = apply_fn(variables, gumbel_codes(logits, temperature, rng, rows), method="decode")
-  stats = floor_log_scale(stats, config.get("min_log_scale"))
-  nll, kl = dvae.logit_laplace_nll(stats, images), dvae.kl_to_uniform(logits)
+  codes = gumbel_codes(logits, temperature, rng, rows, config.straight_through)
+  stats = apply_fn(variables, codes, method="decode")
+  nll, kl = reconstruction_nll(config, stats, images), dvae.kl_to_uniform(logits)
+  usage_kl = dvae.usage_kl_to_uniform(logits)
   pixel_dims, positions = math.prod(images.shape[1:]), math.prod(logits.shape[1:3])
-  loss = jnp.mean(nll + kl_weight * kl) / pixel_dims
+  loss = jnp.mean(nll + kl_weight * kl) / pixel_dims + config.usage_weight * usage_kl
   mse = jnp.mean((dvae.reconstruct_pixels(stats) - dvae.unmap_pixels(images)) ** 2, axis=(1, 2, 3))
   vocab = logits.shape[-1]
   metrics = {
       "loss": loss,
       "nll_per_dim": jnp.mean(nll) / pixel_dims,
       "kl_per_code": jnp.mean(kl) / positions,
+      "usage_kl": usage_kl,
       "mse": jnp.mean(mse),
       "psnr": jnp.mean(_psnr(mse)),
       "code_counts": jnp.bincount(jnp.argmax(logits, axis=-1).reshape(-1), length=vocab),
@@ -249,11 +272,10 @@ def aot_train_step(config, mesh):
   return jit_train_step(config, state_shardings, mesh), (state, batch)
 
 
-def eval_step(apply_fn, min_log_scale, params, batch):
+def eval_step(config, apply_fn, params, batch):
   """Argmax codes decoded with the given (EMA) params: per-batch sums and uint8 reconstructions."""
   images = batch["image"]
   logits, stats = apply_fn({"params": params}, images, temperature=1.0, rng=None, deterministic=True)
-  stats = floor_log_scale(stats, min_log_scale)
   reconstructions = dvae.reconstruct_pixels(stats)
   mse = jnp.mean((reconstructions - dvae.unmap_pixels(images)) ** 2, axis=(1, 2, 3))
   vocab = logits.shape[-1]
@@ -261,7 +283,7 @@ def eval_step(apply_fn, min_log_scale, params, batch):
       "images": jnp.asarray(images.shape[0], jnp.float32),
       "mse": jnp.sum(mse),
       "psnr": jnp.sum(_psnr(mse)),
-      "nll_per_dim": jnp.sum(dvae.logit_laplace_nll(stats, images)) / math.prod(images.shape[1:]),
+      "nll_per_dim": jnp.sum(reconstruction_nll(config, stats, images)) / math.prod(images.shape[1:]),
   }
   code_counts = jnp.bincount(jnp.argmax(logits, axis=-1).reshape(-1), length=vocab)
   pixels = jnp.round(reconstructions * 255.0).astype(jnp.uint8)
@@ -296,7 +318,7 @@ class Evaluator:
       raise ConfigError(f"config.eval_split={config.eval_split!r} holds less than one batch of "
                         f"{config.data.global_batch // jax.process_count()} per process")
     rules = config.logical_axis_rules
-    step_fn = jax.jit(functools.partial(eval_step, apply_fn, config.get("min_log_scale")),
+    step_fn = jax.jit(functools.partial(eval_step, config, apply_fn),
                       in_shardings=(state_shardings.ema_params, sharding.batch_sharding(mesh, rules)))
     return cls(config, mesh, dataset, batches, step_fn)
 

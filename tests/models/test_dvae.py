@@ -130,6 +130,32 @@ def test_kl_to_uniform():
   np.testing.assert_allclose(dvae.kl_to_uniform(jnp.asarray(logits, jnp.float32)), expected, rtol=1e-4)
 
 
+def test_gaussian_nll_matches_the_density():
+  rng = np.random.default_rng(0)
+  location, x = rng.normal(size=(2, 3, 4, 3)), rng.uniform(0.1, 0.9, size=(2, 3, 4, 3))
+  stats = np.concatenate([location, rng.normal(size=location.shape)], axis=-1).astype(np.float32)
+  scale = 0.1
+  mean = 1 / (1 + np.exp(-location))
+  density = np.exp(-(x - mean) ** 2 / (2 * scale ** 2)) / (scale * np.sqrt(2 * np.pi))
+  got = dvae.gaussian_nll(jnp.asarray(stats), jnp.asarray(x, jnp.float32), scale)
+  np.testing.assert_allclose(got, -np.log(density).reshape(2, -1).sum(-1), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"do not match stats"):
+    dvae.gaussian_nll(jnp.zeros((1, 2, 2, 6)), jnp.full((1, 2, 2, 6), 0.5), scale)
+
+
+def test_usage_kl_penalises_collapse_not_confidence():
+  vocab = 16
+  spread = 1e4 * jax.nn.one_hot(jnp.arange(64) % vocab, vocab).reshape(4, 4, 4, vocab)
+  np.testing.assert_allclose(dvae.usage_kl_to_uniform(spread), 0.0, atol=1e-5)
+  collapsed = 1e4 * jax.nn.one_hot(jnp.full((4, 4, 4), 3), vocab)
+  np.testing.assert_allclose(dvae.usage_kl_to_uniform(collapsed), np.log(vocab), rtol=1e-5)
+  logits = np.random.default_rng(0).normal(size=(2, 3, 3, vocab))
+  q = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  mean_q = q.reshape(-1, vocab).mean(0)
+  np.testing.assert_allclose(dvae.usage_kl_to_uniform(jnp.asarray(logits, jnp.float32)),
+                             (mean_q * np.log(mean_q * vocab)).sum(), rtol=1e-4)
+
+
 def test_reconstruct_pixels_inverts_the_pixel_map():
   images = np.random.default_rng(0).uniform(size=(2, 4, 4, 3)).astype(np.float32)
   mapped = dvae.map_pixels(images)

@@ -5,6 +5,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import optax
 import numpy as np
 import pytest
@@ -116,8 +117,21 @@ def test_export_loads_and_reconstructs(uninterrupted, data_dir):
   np.testing.assert_allclose(np.mean(errors), result.eval["mse"], rtol=0.02)
 
 
+def test_straight_through_codes_are_one_hot_with_the_relaxed_gradient():
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+  rows, rng = jnp.arange(2), jax.random.key(1)
+  soft = trainer.gumbel_codes(logits, 0.5, rng, rows)
+  hard = trainer.gumbel_codes(logits, 0.5, rng, rows, straight_through=True)
+  np.testing.assert_array_equal(hard, jax.nn.one_hot(jnp.argmax(soft, axis=-1), 8))
+  weights = jax.random.normal(jax.random.key(2), logits.shape)
+  grad = lambda st: jax.grad(lambda l: jnp.sum(weights * trainer.gumbel_codes(l, 0.5, rng, rows, st)))(logits)
+  assert float(jnp.abs(grad(False)).max()) > 1e-3
+  np.testing.assert_allclose(grad(True), grad(False), rtol=1e-6)
+
+
 def test_schedules_follow_the_paper():
   config = dvae_openai.get_config()
+  assert (config.likelihood, config.straight_through, config.usage_weight) == ("logit_laplace", False, 0.0)
   temperature = trainer.temperature_schedule(config)
   anneal = config.temperature.anneal_steps
   assert anneal == 150_000 and float(temperature(0)) == 1.0
@@ -138,11 +152,15 @@ def test_schedules_follow_the_paper():
     ("num_train_steps", 0, r"config\.num_train_steps"),
     ("data.pixel_map", "unit", r"config\.data\.pixel_map"),
     ("data.image_size", 18, r"config\.data\.image_size: 18 is not divisible by .* = 4"),
+    ("likelihood", "laplace", r"config\.likelihood: expected 'logit_laplace' or 'gaussian', got 'laplace'"),
+    ("gaussian_scale", 0.0, r"config\.gaussian_scale: must be positive"),
+    ("usage_weight", -0.1, r"config\.usage_weight: must be >= 0"),
     ("accumulation_steps", -1, r"config\.accumulation_steps: must be >= 1, or 0"),
     ("accumulation_dtype", "float16", r"config\.accumulation_dtype: expected 'float32' or 'bfloat16', got 'float16'"),
 ])
 def test_bad_training_fields_are_named(field, value, match):
   config = dvae_shapes.get_config("shapes")
+  config.model.group_count = 3
   parent, _, leaf = field.rpartition(".")
   (config[parent] if parent else config)[leaf] = value
   with pytest.raises(ConfigError, match=match):
@@ -168,7 +186,9 @@ def test_accumulation_fields_are_named(data_dir):
 
 
 def test_accumulation_gives_the_full_batch_gradient(data_dir):
-  config = tiny_config(data_dir)
+  # The paper's recipe (what dvae_openai accumulates with). The codebook-use penalty is off: it is a
+  # function of each microbatch's mean posterior, so it alone depends on the split.
+  config = tiny_config(data_dir, likelihood="logit_laplace", straight_through=False, usage_weight=0.0)
   config.data.global_batch = 32
   config.kl.warmup_steps = 0  # β at full weight from step 0, so the KL term has a gradient too
   mesh, rules = sharding.create_mesh(config.mesh), config.logical_axis_rules
