@@ -15,11 +15,11 @@ that training never shows; mnist's and digits' test images are held out of train
 
 from mmjax.configs import clip_vit_b32, common
 
-# (image_size, patch_size, text_length, train steps, global batch) per dataset.
+# (image_size, patch_size, text_length, train steps, global batch, random_shift) per dataset.
 SETTINGS = {
-    "shapes": (32, 4, 24, 3000, 128),   # 4 px patches: with 8 px ones shapes are told apart worse
-    "digits": (8, 2, 16, 800, 128),
-    "mnist": (28, 7, 16, 800, 128),
+    "shapes": (32, 4, 24, 3000, 128, 0),   # 4 px patches: with 8 px ones shapes are told apart worse
+    "digits": (8, 2, 16, 800, 128, 0),
+    "mnist": (28, 7, 16, 1600, 128, 3),    # shifts of up to 3 px: without them it overfits (87%)
 }
 
 
@@ -36,12 +36,12 @@ def model_config(image_size, patch_size, text_length, vocab_size, width=64, laye
 def get_config(arg="shapes"):
   if arg not in SETTINGS:
     raise ValueError(f"clip_shapes.py:{arg}: expected one of {', '.join(SETTINGS)}")
-  image_size, patch_size, text_length, steps, batch = SETTINGS[arg]
+  image_size, patch_size, text_length, steps, batch, random_shift = SETTINGS[arg]
   vocab_size = 128
   model = model_config(image_size, patch_size, text_length, vocab_size)
   config = clip_vit_b32.clip_config(model, learning_rate=1e-3, global_batch=batch, num_train_steps=steps)
   config.mesh = common.mesh_config(data=-1)
-  config.data.update(name=arg, path="", random_crop=False, shuffle_buffer=2048)
+  config.data.update(name=arg, path="", random_crop=False, random_shift=random_shift, shuffle_buffer=2048)
   if arg == "shapes":
     config.data.num_examples = 20_000       # train split: builds in seconds
   config.tokenizer = common.tokenizer_config(vocab_size=vocab_size)

@@ -40,6 +40,7 @@ def data_config(name="shapes", image_size=64, global_batch=64, text_length=32):
       "split": "train",
       "image_size": image_size,
       "random_crop": False,
+      "random_shift": 0,            # train-time translation by up to N px each way (zero padding)
       "pixel_map": "dvae",          # dvae | clip | unit
       "global_batch": global_batch,
       "shuffle_buffer": 2048,

@@ -32,6 +32,9 @@ def check_data(config, process_count, mesh_shape):
   _require(data.image_size > 0, "data.image_size", f"must be positive, got {data.image_size}")
   _require(data.text_length > 0, "data.text_length", f"must be positive, got {data.text_length}")
   _require(data.pixel_map in PIXEL_MAPS, "data.pixel_map", f"{data.pixel_map!r} is not one of {PIXEL_MAPS}")
+  shift = data.get("random_shift", 0)
+  _require(isinstance(shift, int) and 0 <= shift < data.image_size, "data.random_shift",
+           f"must be an int in [0, data.image_size), got {shift!r}")
   batch = data.global_batch
   _require(batch > 0, "data.global_batch", f"must be positive, got {batch}")
   _require(batch % process_count == 0, "data.global_batch",

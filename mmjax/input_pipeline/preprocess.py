@@ -89,6 +89,15 @@ def element_seed(seed: int, *indices) -> tf.Tensor:
   return element
 
 
+def random_shift(image: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor:
+  """Translates [H, W, C] by up to `max_shift` pixels along each axis, filling with zeros (black),
+  at an offset drawn by stateless ops keyed on `seed` (shape [2]); the size is unchanged."""
+  if max_shift <= 0:
+    return image
+  padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
+  return tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
+
+
 # ----------------------------------------------------------------------------- pixel maps
 
 def check_pixel_map(pixel_map: str) -> None:

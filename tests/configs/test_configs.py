@@ -32,6 +32,7 @@ def test_config_loads_and_validates(name):
     ("data.pixel_map", "sepia", r"config\.data\.pixel_map"),
     ("data.name", "imagenet", r"config\.data\.name"),
     ("data.image_size", 0, r"config\.data\.image_size"),
+    ("data.random_shift", -1, r"config\.data\.random_shift: must be an int in \[0, data\.image_size\)"),
     ("trainer", "", r"config\.trainer"),
 ])
 def test_bad_field_is_named(field, value, match):

@@ -202,6 +202,21 @@ def test_random_crop_is_a_seeded_window_of_the_image():
     preprocess.resize_and_crop(tf.constant(image), 4, random_crop=True)
 
 
+def test_random_shift_translates_with_black_fill_by_at_most_the_limit():
+  image = np.zeros((8, 8, 3), np.uint8)
+  image[3, 4] = 255                       # one white pixel: where it lands is the shift
+  shifts = set()
+  for seed in range(30):
+    out = preprocess.random_shift(tf.constant(image), 2, preprocess.element_seed(seed, 0)).numpy()
+    again = preprocess.random_shift(tf.constant(image), 2, preprocess.element_seed(seed, 0)).numpy()
+    np.testing.assert_array_equal(out, again)
+    assert out.shape == image.shape and out.sum() == 3 * 255   # nothing else added or lost
+    (row,), (column,) = np.nonzero(out[..., 0])
+    shifts.add((int(row) - 3, int(column) - 4))
+  assert all(abs(dy) <= 2 and abs(dx) <= 2 for dy, dx in shifts) and len(shifts) > 8
+  np.testing.assert_array_equal(preprocess.random_shift(tf.constant(image), 0, None), image)
+
+
 def test_element_seed_differs_per_index():
   seeds = {tuple(preprocess.element_seed(7, process, i).numpy()) for process in range(2)
            for i in range(5)}
