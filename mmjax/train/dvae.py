@@ -12,9 +12,10 @@ pipeline's `pixel_map="dvae"`). The loss is −ELB per *pixel dimension*:
     loss = mean_over_images(NLL + β·KL) / (H·W·C)
 so its scale, and a good learning rate, do not depend on the image size. τ anneals 1 → 1/16
 on a cosine schedule, β rises linearly 0 → 6.6, the learning rate warms up then decays on a
-cosine (config.temperature, config.kl, config.optimizer). The tiny configs swap in what a run of minutes
-needs (`config.likelihood="gaussian"`, `straight_through`, `usage_weight`; see dvae_shapes.py). Eval and export use the EMA of the
-params and argmax codes (no noise), which is what the transformer will be trained on.
+cosine (config.temperature, config.kl, config.optimizer). The tiny configs swap in what a run
+of minutes needs (`config.likelihood="gaussian"`, `straight_through`, `usage_weight`; see
+dvae_shapes.py). Eval and export use the EMA of the params and argmax codes (no noise), which is
+what the transformer will be trained on.
 
 Gradient accumulation (mmjax.train.accumulate, as the DALL·E trainer): `config.accumulation_steps
 = k` microbatches per update (0 = as many as keep `config.microbatch_per_shard` images on each
