@@ -31,7 +31,7 @@ $(VENV)/.installed-test: $(VENV)/.installed-demo
 	touch $@
 
 demo: $(VENV)/.installed-demo
-	JAX_PLATFORMS=$(JAX_PLATFORMS) $(PY) -m mmjax.main --config=mmjax/configs/shapes_preview.py --workdir=$(DEMO_WORKDIR)
+	JAX_PLATFORMS=$(JAX_PLATFORMS) $(PY) -m mmjax.main --config=mmjax/configs/shapes_demo.py --workdir=$(DEMO_WORKDIR)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 --dist loadfile

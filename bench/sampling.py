@@ -35,7 +35,8 @@ from bench import timing  # noqa: E402
 from mmjax import generate  # noqa: E402
 from mmjax.models import attention, dalle  # noqa: E402
 
-# Both at a 16×16 grid (256 image tokens). tiny ≈ dalle_shapes.py's transformer; small is wider and deeper.
+# Both at a 16×16 grid (256 image tokens). tiny is dalle_shapes.py's earlier 6 × 128 transformer
+# (it is 4 × 64 now); small is wider and deeper.
 CASES = {
     "tiny": dict(text_vocab_size=1024, text_length=32, image_vocab_size=512, grid_size=16, width=128,
                  num_layers=6, num_heads=4, mlp_dim=512, kernel_size=5),

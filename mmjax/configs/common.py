@@ -41,6 +41,8 @@ def data_config(name="shapes", image_size=64, global_batch=64, text_length=32):
       "image_size": image_size,
       "random_crop": False,
       "random_shift": 0,            # train-time translation by up to N px each way (zero padding)
+      "grayscale_prob": 0.0,        # train-time chance of a grey image whose caption loses...
+      "grayscale_words": "",        # ...these comma-separated words (e.g. the colour names)
       "pixel_map": "dvae",          # dvae | clip | unit
       "global_batch": global_batch,
       "shuffle_buffer": 2048,

@@ -35,6 +35,9 @@ def check_data(config, process_count, mesh_shape):
   shift = data.get("random_shift", 0)
   _require(isinstance(shift, int) and 0 <= shift < data.image_size, "data.random_shift",
            f"must be an int in [0, data.image_size), got {shift!r}")
+  grey = data.get("grayscale_prob", 0.0)
+  _require(isinstance(grey, (int, float)) and 0 <= grey <= 1, "data.grayscale_prob",
+           f"must be a probability in [0, 1], got {grey!r}")
   batch = data.global_batch
   _require(batch > 0, "data.global_batch", f"must be positive, got {batch}")
   _require(batch % process_count == 0, "data.global_batch",

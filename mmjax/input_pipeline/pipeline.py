@@ -70,6 +70,8 @@ def create_dataset(config, data_dir, tokenizer, *, train, process_index=None, pr
     _log_eval_remainder(dataset, local_batch, data.name, split)
   random_crop = bool(data.random_crop) and train
   max_shift = int(data.get("random_shift", 0)) if train else 0
+  grayscale_prob = float(data.get("grayscale_prob", 0.0)) if train else 0.0
+  grayscale_words = tuple(word for word in data.get("grayscale_words", "").split(",") if word)
   # Users' files may not decode; a failed decode costs a count, not the run. (The check costs
   # ~0.3 ms per image, which TFDS's own bytes, always decodable, are spared.)
   check_decode = data.name not in datasets.TFDS_NAMES
@@ -85,7 +87,9 @@ def create_dataset(config, data_dir, tokenizer, *, train, process_index=None, pr
     image = preprocess.resize_and_crop(image, data.image_size, random_crop, seed)
     if max_shift:
       image = preprocess.random_shift(image, max_shift, tf.random.experimental.stateless_fold_in(seed, 1))
-    return {"image": image, "caption": example["caption"], "decoded": decoded}
+    image, caption = preprocess.maybe_grayscale(image, example["caption"], grayscale_prob, grayscale_words,
+                                                tf.random.experimental.stateless_fold_in(seed, 2))
+    return {"image": image, "caption": caption, "decoded": decoded}
 
   def finish_batch(batch):
     batch = {**batch, "image": preprocess.map_pixels(batch["image"], data.pixel_map)}

@@ -13,7 +13,10 @@ Pixel maps (`config.data.pixel_map`), from uint8 [0, 255] to float32:
 `unmap_pixels` inverts them back to uint8 for writing PNGs.
 """
 
+import re
+
 from absl import logging
+
 import numpy as np
 import tensorflow as tf
 
@@ -96,6 +99,23 @@ def random_shift(image: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor
     return image
   padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
   return tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
+
+
+def maybe_grayscale(image: tf.Tensor, caption: tf.Tensor, probability: float, words: tuple[str, ...],
+                    seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """With `probability` (a stateless draw keyed on `seed`), shows [H, W, 3] uint8 in grey (the mean
+  of its channels) and deletes `words` (e.g. colour names) from its caption, so the caption stays
+  true of the image. Seeing shapes without colour keeps a model from tying a shape to the colours
+  it was trained in."""
+  if probability <= 0:
+    return image, caption
+  grey = tf.cast(tf.reduce_mean(tf.cast(image, tf.float32), axis=-1, keepdims=True) + 0.5, image.dtype)
+  grey_caption = caption
+  if words:
+    grey_caption = tf.strings.regex_replace(caption, r"\b(" + "|".join(map(re.escape, words)) + r")\b\s*", "")
+  use_grey = tf.random.stateless_uniform([], seed) < probability
+  return (tf.where(use_grey, tf.broadcast_to(grey, tf.shape(image)), image),
+          tf.where(use_grey, grey_caption, caption))
 
 
 # ----------------------------------------------------------------------------- pixel maps

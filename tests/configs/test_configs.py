@@ -33,6 +33,7 @@ def test_config_loads_and_validates(name):
     ("data.name", "imagenet", r"config\.data\.name"),
     ("data.image_size", 0, r"config\.data\.image_size"),
     ("data.random_shift", -1, r"config\.data\.random_shift: must be an int in \[0, data\.image_size\)"),
+    ("data.grayscale_prob", 1.5, r"config\.data\.grayscale_prob: must be a probability"),
     ("trainer", "", r"config\.trainer"),
 ])
 def test_bad_field_is_named(field, value, match):

@@ -78,6 +78,20 @@ def test_clip_layout_and_no_tokenizer(data_dir, tokenizer):
   assert sorted(batch) == ["caption", "image"]
 
 
+def test_grayscale_applies_to_training_only(data_dir, tokenizer):
+  colours = "red,green,blue,yellow,magenta,cyan,white"
+  config = _config(pixel_map="unit", grayscale_prob=1.0, grayscale_words=colours)
+  train = next(pipeline.DataIterator(
+      pipeline.create_dataset(config, data_dir, tokenizer, train=True, process_index=0, process_count=1), 0))
+  assert (train["image"] == train["image"][..., :1]).all() and train["image"].max() > 0
+  for caption in train["caption"]:
+    assert not set(caption.decode().split()) & set(colours.split(","))
+  np.testing.assert_array_equal(train["text_tokens"], tokenizer.tokenize(train["caption"], "dalle", 32))
+  evaluation = next(pipeline.DataIterator(
+      pipeline.create_dataset(config, data_dir, tokenizer, train=False, process_index=0, process_count=1), 0))
+  assert (evaluation["image"] != evaluation["image"][..., :1]).any()
+
+
 def test_training_epochs_are_seeded_permutations(data_dir, tokenizer):
   def epochs(seed):
     config = _config(random_crop=False)

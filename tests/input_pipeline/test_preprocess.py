@@ -217,6 +217,31 @@ def test_random_shift_translates_with_black_fill_by_at_most_the_limit():
   np.testing.assert_array_equal(preprocess.random_shift(tf.constant(image), 0, None), image)
 
 
+def test_maybe_grayscale_greys_the_image_and_drops_the_words_together():
+  image = np.zeros((4, 4, 3), np.uint8)
+  image[1, 1] = (255, 0, 0)
+  image[2, 2] = (255, 255, 0)
+  caption = tf.constant("a small red circle above a yellow square")
+  outcomes = []
+  for seed in range(40):
+    out, text = preprocess.maybe_grayscale(tf.constant(image), caption, 0.5, ("red", "yellow"),
+                                           preprocess.element_seed(seed, 0))
+    out, text = out.numpy(), text.numpy().decode()
+    grey = text == "a small circle above a square"
+    assert grey or text == caption.numpy().decode()
+    if grey:  # channel means, rounded: red 85, yellow 170, black stays black
+      np.testing.assert_array_equal(out[..., 0], [[0] * 4, [0, 85, 0, 0], [0, 0, 170, 0], [0] * 4])
+      assert (out == out[..., :1]).all()
+    else:
+      np.testing.assert_array_equal(out, image)
+    outcomes.append(grey)
+  assert 8 < sum(outcomes) < 32    # about half, and keyed on the seed alone:
+  again, _ = preprocess.maybe_grayscale(tf.constant(image), caption, 0.5, ("red",), preprocess.element_seed(0, 0))
+  assert (again.numpy() == image).all() != outcomes[0]
+  same, text = preprocess.maybe_grayscale(tf.constant(image), caption, 0.0, ("red",), None)
+  assert (same.numpy() == image).all() and text.numpy() == caption.numpy()
+
+
 def test_element_seed_differs_per_index():
   seeds = {tuple(preprocess.element_seed(7, process, i).numpy()) for process in range(2)
            for i in range(5)}

@@ -28,6 +28,19 @@ def test_stages_are_wired_to_each_others_outputs(tmp_path):
   assert stages.dalle.model.text_vocab_size == stages.encode.tokenizer.vocab_size
 
 
+def test_demo_stages_run_shortened_schedules_that_validate(tmp_path):
+  config = shapes_demo.get_config()
+  for name, steps in shapes_demo.DEMO_STEPS.items():
+    stage = config.stages[name]
+    assert stage.num_train_steps == stage.optimizer.decay_steps == stage.eval_every_steps == steps
+    assert 0 < stage.optimizer.warmup_steps < steps
+  demo.check_stages(demo.wire_stages(config, str(tmp_path)))
+  with config.unlocked():
+    config.stages.dalle.optimizer.decay_steps = 10
+  with pytest.raises(ConfigError, match="stages.dalle: config.optimizer.decay_steps"):
+    demo.check_stages(demo.wire_stages(config, str(tmp_path)))
+
+
 def test_a_finished_stage_is_reused_only_with_the_same_config(tmp_path):
   stages = demo.wire_stages(shapes_demo.get_config(), str(tmp_path))
   directory = str(tmp_path / "dvae")
