@@ -37,8 +37,8 @@ def get_config(arg="shapes"):
       attention_kernel="dense", remat=False, dtype="float32")
   steps = 1500
   dalle_12b.training_config(config, num_train_steps=steps, learning_rate=3e-3, warmup_steps=steps // 20,
-                            decay_steps=steps, end_learning_rate=1e-5, accumulation_steps=1, accumulation_dtype="float32",
-                            ema_decay=0.99, moment_dtype="", param_copy_dtype="")
+                            decay_steps=steps, end_learning_rate=1e-5, accumulation_steps=1,
+                            accumulation_dtype="float32", ema_decay=0.99, moment_dtype="", param_copy_dtype="")
   config.rng_impl = "rbg"       # threefry's init compiles slowly on a CPU
   config.eval_every_steps = 500
   config.eval_batches = 8           # of the validation split: the whole of it takes ~35 s

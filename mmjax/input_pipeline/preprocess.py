@@ -16,7 +16,6 @@ Pixel maps (`config.data.pixel_map`), from uint8 [0, 255] to float32:
 import re
 
 from absl import logging
-
 import numpy as np
 import tensorflow as tf
 
