@@ -38,6 +38,12 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != BENCH_DIR]
 sys.path.insert(0, str(BENCH_DIR.parent))  # run from a checkout
 
+from mmjax import host_memory  # noqa: E402
+
+# As `python -m mmjax.main` does: freed memory is kept for reuse (see mmjax/host_memory.py); it
+# applies to the whole process, PyTorch included.
+HOST_MEMORY_KEPT = host_memory.keep_freed_memory()
+
 import functools  # noqa: E402
 import importlib.machinery  # noqa: E402
 import importlib.util  # noqa: E402
@@ -290,7 +296,8 @@ def main(argv):
     rows.extend(bench_case(name, *CASES[name], calls=calls, repeats=_REPEATS.value))
   command = timing.command_line("clip.py")
   environment = timing.environment(load_before, torch_threads=DEFAULT_TORCH_THREADS, torch=torch.__version__,
-                                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""))
+                                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
+                                   malloc_keeps_freed_memory=HOST_MEMORY_KEPT)
   print()
   print(table(rows))
   print(f"\nf32; rates from the best of {_REPEATS.value} repeats (median in brackets), JAX and PyTorch "

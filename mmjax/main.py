@@ -11,11 +11,15 @@ import glob
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from mmjax import host_memory
 
-from mmjax import cli
-from mmjax.errors import ConfigError, DataError
+host_memory.keep_freed_memory()  # before JAX and TensorFlow start threads
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mmjax import cli  # noqa: E402
+from mmjax.errors import ConfigError, DataError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with ':ARG' for get_config(ARG). "
