@@ -2,10 +2,11 @@
 
 XLA:CPU takes every execution's scratch buffers from malloc on its worker threads. glibc gives
 large blocks (and any block a worker thread's arena cannot hold) a fresh mmap and unmaps it on
-free, so every step faults all of its scratch pages in again. Measured on the 2-core CPU over a
-clip_shapes run of 200 train steps: 10.5M page faults, 27 s of system time, 5.7 steps/s; with one
-arena, no mmap and no trimming: 0.43M faults, 7 s, 7.5 steps/s. One arena alone or no mmap alone
-does not help (threads' arenas fall back to mmap).
+free, so every step faults all of its scratch pages in again. Measured on the 2-core CPU, 200
+clip_shapes train steps (/usr/bin/time, the step alone): 10.5M page faults, 28 s of system time,
+5.3 steps/s; with one arena, no mmap and no trimming: 0.44M faults, 6 s, 8.2 steps/s (dalle_shapes
+steps: 1.2 -> 1.55/s). One arena alone or no mmap alone does not help (a thread's arena falls back
+to mmap for blocks it cannot hold).
 """
 
 import ctypes
