@@ -21,12 +21,16 @@ USER_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD
                   "MALLOC_TOP_PAD_")
 
 
+def on_cloud_tpu_vm():
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def runs_on_cpu():
   """JAX_PLATFORMS=cpu, or unset on a machine with no TPU or NVIDIA device files."""
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms == "cpu"
-  return not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"))
+  return not (on_cloud_tpu_vm() or glob.glob("/dev/nvidia[0-9]*"))
 
 
 def keep_freed_memory():

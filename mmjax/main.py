@@ -7,7 +7,6 @@ distributed runtime is initialised before anything touches JAX devices; elsewher
 --distributed=on (with --coordinator_address etc. for CPU/GPU clusters). Logs on process 0 only.
 """
 
-import glob
 import os
 import sys
 
@@ -35,13 +34,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _on_cloud_tpu_vm():
-  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
 def initialize_distributed(mode, coordinator_address=None, num_processes=None, process_id=None):
   import jax  # pylint: disable=g-import-not-at-top
-  if mode == "off" or (mode == "auto" and not _on_cloud_tpu_vm()):
+  if mode == "off" or (mode == "auto" and not host_memory.on_cloud_tpu_vm()):
     return
   if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
