@@ -4,8 +4,8 @@ r"""CLIP on this CPU: train-step pairs/s and encoder images/s, texts/s, mmjax (J
   .venv/bin/python bench/clip.py --cases=tiny --repeats=5
 
 Cases (f32 in both frameworks):
-  tiny   clip_shapes.py's towers (32 px, patch 8, width 64, 2 layers, 2 heads, text length 24,
-         vocab 128, embed 64) at its training batch of 128.
+  tiny   clip_shapes.py:shapes' towers at its training batch, read from the config (today 32 px,
+         patch 4, width 64, 2 layers, 2 heads, text length 24, vocab 128, embed 64; batch 128).
   small  ViT-B/32's shapes (224 px, patch 32, 12 × 768 vision, 12 × 512 text, context 77, vocab
          49,408, embed 512; ≈151M parameters) at batch 8.
 
@@ -59,17 +59,28 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import timing  # noqa: E402
 from mmjax import sharding  # noqa: E402
-from mmjax.configs import clip_vit_b32  # noqa: E402
+from mmjax.configs import clip_shapes, clip_vit_b32  # noqa: E402
 from mmjax.models import clip  # noqa: E402
 from mmjax.tools import convert_openai_clip  # noqa: E402
 from mmjax.train import clip as trainer  # noqa: E402
 from mmjax.train import state as state_lib  # noqa: E402
 
+
+def clip_shapes_case():
+  """clip_shapes.py:shapes' towers and training batch, as clip-anytorch CLIP sizes."""
+  config = clip_shapes.get_config("shapes")
+  model = config.model
+  sizes = dict(embed_dim=model.embed_dim, image_resolution=model.image_size, vision_layers=model.vision_layers,
+               vision_width=model.vision_width, vision_patch_size=model.patch_size,
+               context_length=model.context_length, vocab_size=model.vocab_size,
+               transformer_width=model.text_width, transformer_heads=model.text_heads,
+               transformer_layers=model.text_layers)
+  return sizes, model.vision_heads, config.data.global_batch, model.scan_layers
+
+
 # name: clip-anytorch CLIP sizes, vision heads, batch, scan_layers of the config the case comes from.
 CASES = {
-    "tiny": (dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                  context_length=24, vocab_size=128, transformer_width=64, transformer_heads=2,
-                  transformer_layers=2), 2, 128, False),
+    "tiny": clip_shapes_case(),
     "small": (dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                    vision_patch_size=32, context_length=77, vocab_size=49408, transformer_width=512,
                    transformer_heads=8, transformer_layers=12), 12, 8, True),

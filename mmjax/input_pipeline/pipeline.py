@@ -7,8 +7,9 @@ Each process reads its own part of the data (datasets.source_dataset) and yields
 
 Order of operations, and why:
   source (TFDS / TFRecord files shuffled by seed; images still encoded) -> shuffle + repeat
-  (train) -> enumerate -> decode, resize/crop -> drop undecodable images (counted) -> batch -> map
-  pixels to float32 and tokenize the whole batch (one sentencepiece call) -> prefetch.
+  (train) -> decode, resize/crop (random ones keyed on the example's position) -> drop undecodable
+  images (counted) -> batch -> per batch: grey images (config.data.grayscale_prob), map pixels to
+  float32 and tokenize (one sentencepiece call) -> prefetch.
 Shuffling before decoding keeps the shuffle buffer, the bulk of an iterator checkpoint, small: it
 holds PNG/JPEG bytes (a 256 px JPEG is ~20 KB, decoded 192 KB). Users' folder/TFRecord bytes may
 not decode; those are dropped and counted as "undecodable_image" in the skip counter (TFDS wrote
@@ -76,9 +77,11 @@ def create_dataset(config, data_dir, tokenizer, *, train, process_index=None, pr
   # ~0.3 ms per image, which TFDS's own bytes, always decodable, are spared.)
   check_decode = data.name not in datasets.TFDS_NAMES
 
+  needs_seed = random_crop or max_shift
+
   def crop_example(position, example):
-    seed = preprocess.element_seed(config.seed, process_index, position)
-    image, decoded = example["image"], tf.constant(True)
+    seed = preprocess.element_seed(config.seed, process_index, position) if needs_seed else None
+    image, decoded = example["image"], None
     if image.dtype == tf.string:
       if check_decode:
         image, decoded = preprocess.try_decode_image(image)
@@ -87,23 +90,30 @@ def create_dataset(config, data_dir, tokenizer, *, train, process_index=None, pr
     image = preprocess.resize_and_crop(image, data.image_size, random_crop, seed)
     if max_shift:
       image = preprocess.random_shift(image, max_shift, tf.random.experimental.stateless_fold_in(seed, 1))
-    image, caption = preprocess.maybe_grayscale(image, example["caption"], grayscale_prob, grayscale_words,
-                                                tf.random.experimental.stateless_fold_in(seed, 2))
-    return {"image": image, "caption": caption, "decoded": decoded}
+    cropped = {"image": image, "caption": example["caption"]}
+    return cropped if decoded is None else (cropped, decoded)
 
-  def finish_batch(batch):
-    batch = {**batch, "image": preprocess.map_pixels(batch["image"], data.pixel_map)}
+  def finish_batch(batch_index, batch):
+    # Per batch, not per example: the grey draws are keyed on (seed, process, batch index).
+    images, captions = preprocess.maybe_grayscale(
+        batch["image"], batch["caption"], grayscale_prob, grayscale_words,
+        preprocess.element_seed(config.seed, process_index, batch_index, -1))
+    batch = {"caption": captions, "image": preprocess.map_pixels(images, data.pixel_map)}
     if tokenizer is not None:
       batch["text_tokens"] = tokenizer.tf_tokenize(batch["caption"], text_layout, data.text_length)
     return batch
 
-  dataset = dataset.enumerate().map(crop_example, num_parallel_calls=tf.data.AUTOTUNE)
+  # Each per-example op costs ~10 us of tf.data overhead: only what an example needs runs here.
+  if needs_seed:
+    dataset = dataset.enumerate().map(crop_example, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    dataset = dataset.map(lambda example: crop_example(None, example), num_parallel_calls=tf.data.AUTOTUNE)
   if check_decode:
-    dataset = counter.drop_unless(dataset, lambda example: example["decoded"], "undecodable_image")
-  dataset = dataset.map(lambda example: {"image": example["image"], "caption": example["caption"]})
+    dataset = counter.drop_unless(dataset, lambda example, decoded: decoded, "undecodable_image")
+    dataset = dataset.map(lambda example, decoded: example)
   dataset = dataset.batch(local_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
   # Sequential: a few ms per batch, and no float32 batches in flight beyond the prefetched ones.
-  dataset = dataset.map(finish_batch).prefetch(PREFETCH_BATCHES)
+  dataset = dataset.enumerate().map(finish_batch).prefetch(PREFETCH_BATCHES)
 
   options = tf.data.Options()
   options.deterministic = True

@@ -100,21 +100,26 @@ def random_shift(image: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor
   return tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
 
 
-def maybe_grayscale(image: tf.Tensor, caption: tf.Tensor, probability: float, words: tuple[str, ...],
+def maybe_grayscale(images: tf.Tensor, captions: tf.Tensor, probability: float, words: tuple[str, ...],
                     seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """With `probability` (a stateless draw keyed on `seed`), shows [H, W, 3] uint8 in grey (the mean
-  of its channels) and deletes `words` (e.g. colour names) from its caption, so the caption stays
-  true of the image. Seeing shapes without colour keeps a model from tying a shape to the colours
-  it was trained in."""
+  """With `probability` per caption (stateless draws keyed on `seed`), shows its uint8 image in grey
+  (the mean of its channels) and deletes `words` (e.g. colour names) from the caption, so the
+  caption stays true of the image. Seeing shapes without colour keeps a model from tying a shape
+  to the colours it was trained in.
+
+  images [..., H, W, 3] with captions [...] of the leading shape: one example or a whole batch
+  (the pipeline calls it once per batch: per-example calls cost ~0.1 ms each in op overhead).
+  """
   if probability <= 0:
-    return image, caption
-  grey = tf.cast(tf.reduce_mean(tf.cast(image, tf.float32), axis=-1, keepdims=True) + 0.5, image.dtype)
-  grey_caption = caption
+    return images, captions
+  grey = tf.cast(tf.reduce_mean(tf.cast(images, tf.float32), axis=-1, keepdims=True) + 0.5, images.dtype)
+  grey_captions = captions
   if words:
-    grey_caption = tf.strings.regex_replace(caption, r"\b(" + "|".join(map(re.escape, words)) + r")\b\s*", "")
-  use_grey = tf.random.stateless_uniform([], seed) < probability
-  return (tf.where(use_grey, tf.broadcast_to(grey, tf.shape(image)), image),
-          tf.where(use_grey, grey_caption, caption))
+    grey_captions = tf.strings.regex_replace(captions, r"\b(" + "|".join(map(re.escape, words)) + r")\b\s*", "")
+  use_grey = tf.random.stateless_uniform(tf.shape(captions), seed) < probability
+  image_use_grey = tf.reshape(use_grey, tf.concat([tf.shape(captions), [1, 1, 1]], axis=0))
+  return (tf.where(image_use_grey, tf.broadcast_to(grey, tf.shape(images)), images),
+          tf.where(use_grey, grey_captions, captions))
 
 
 # ----------------------------------------------------------------------------- pixel maps

@@ -242,6 +242,18 @@ def test_maybe_grayscale_greys_the_image_and_drops_the_words_together():
   assert (same.numpy() == image).all() and text.numpy() == caption.numpy()
 
 
+def test_maybe_grayscale_draws_once_per_row_of_a_batch():
+  images = np.zeros((64, 2, 2, 3), np.uint8)
+  images[:, 0, 0] = (255, 0, 0)
+  captions = tf.constant(["a red square"] * 64)
+  out, texts = preprocess.maybe_grayscale(tf.constant(images), captions, 0.5, ("red",),
+                                          preprocess.element_seed(3, 0))
+  grey_rows = np.array([t.decode() == "a square" for t in texts.numpy()])
+  np.testing.assert_array_equal(out.numpy()[:, 0, 0, 1] == 85, grey_rows)  # the row's image and caption agree
+  np.testing.assert_array_equal(out.numpy()[~grey_rows], images[~grey_rows])
+  assert 16 < grey_rows.sum() < 48
+
+
 def test_element_seed_differs_per_index():
   seeds = {tuple(preprocess.element_seed(7, process, i).numpy()) for process in range(2)
            for i in range(5)}
