@@ -43,7 +43,7 @@ def model_config(text_vocab_size=TEXT_VOCAB_SIZE, text_length=TEXT_LENGTH, image
       "mlp_dim": 4 * width,
       "kernel_size": kernel_size,
       "activation": "gelu",
-      "attention_kernel": attention_kernel,   # splash on TPU; dense on CPU/GPU
+      "attention_kernel": attention_kernel,   # splash on TPU; axial or dense on CPU/GPU
       "block_size": 128,
       "scan_layers": scan_layers,
       "remat": remat,

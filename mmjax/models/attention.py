@@ -28,6 +28,11 @@ the attention function selects the mask (dense) or the kernel (splash) from it.
 
 Kernels, behind one `make_attention_fn(kind, ...)` returning `fn(query, key, value, pattern_id)`:
   "dense"   XLA softmax attention with the selected [L, L] mask (CPU, GPU, TPU); compute is L².
+  "axial"   XLA too, without the [L, L] product for row and column layers: each image query
+            scores all text keys and the grid_size keys of its row (column: of its column, on
+            transposed image tokens), text queries the text; conv layers run "dense". Compute per
+            row/column layer is (text_length + grid_size) per image query instead of L
+            (dalle_shapes' CPU train step: 1.6× with unrolled layers, bench/dalle_step.py).
   "splash"  TPU splash attention (Pallas): each pattern is a block-sparse mask, so blocks of the
             [L, L] grid that are all False are never computed. `block_counts` says how many are:
             at full size (1280 tokens, blocks of 128) row and column 27 of 100, conv 40, causal 55.
@@ -46,7 +51,7 @@ from jax.sharding import PartitionSpec
 from mmjax.models import layers
 
 PATTERNS = ("row", "column", "conv")
-KINDS = ("dense", "splash")
+KINDS = ("dense", "axial", "splash")
 
 
 def layer_patterns(num_layers):
@@ -131,6 +136,8 @@ def make_attention_fn(kind, text_length, grid_size, kernel_size=11, *, mesh=None
   """
   if kind == "dense":
     return _dense_attention_fn(text_length, grid_size, kernel_size)
+  if kind == "axial":
+    return _axial_attention_fn(text_length, grid_size, kernel_size)
   if kind == "splash":
     return _splash_attention_fn(text_length, grid_size, kernel_size, mesh=mesh, rules=rules,
                                 block_size=block_size, interpret=interpret)
@@ -160,6 +167,43 @@ def _dense_attention_fn(text_length, grid_size, kernel_size):
     _check_inputs(query, key, value, masks.shape[-1])
     mask = jax.lax.dynamic_index_in_dim(jnp.asarray(masks), pattern_id, keepdims=False)
     return layers.dot_product_attention(query, key, value, mask=mask[None, None])
+
+  return attend
+
+
+def _row_attention(query, key, value, text_length, grid_size):
+  """The "row" pattern, computed over each query's own keys: text causal over text, and each image
+  query over all text plus its row up to itself, one softmax over both (shapes as `attend`)."""
+  batch, _, heads, depth = query.shape
+  t, g = text_length, grid_size
+  grid = lambda x: x[:, t:].reshape(batch, g, g, heads, depth)  # noqa: E731  [B, row, col, H, D]
+  image_query = grid(query * jnp.asarray(depth ** -0.5, query.dtype))
+  row_logits = jnp.einsum("brchd,brkhd->brhck", image_query, grid(key)).astype(jnp.float32)
+  logits = jnp.where(np.tril(np.ones((g, g), np.bool_)), row_logits, jnp.finfo(jnp.float32).min)
+  if t:
+    text_logits = jnp.einsum("brchd,bthd->brhct", image_query, key[:, :t]).astype(jnp.float32)
+    logits = jnp.concatenate([text_logits, logits], axis=-1)
+  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  image = jnp.einsum("brhck,brkhd->brchd", weights[..., t:], grid(value))
+  if not t:
+    return image.reshape(batch, g * g, heads, depth)
+  image = image + jnp.einsum("brhct,bthd->brchd", weights[..., :t], value[:, :t])
+  text = layers.dot_product_attention(query[:, :t], key[:, :t], value[:, :t],
+                                      mask=np.tril(np.ones((t, t), np.bool_))[None, None])
+  return jnp.concatenate([text, image.reshape(batch, g * g, heads, depth)], axis=1)
+
+
+def _axial_attention_fn(text_length, grid_size, kernel_size):
+  dense = _dense_attention_fn(text_length, grid_size, kernel_size)
+  row = functools.partial(_row_attention, text_length=text_length, grid_size=grid_size)
+  transpose = functools.partial(transpose_image, text_length=text_length, grid_size=grid_size)
+  branches = (row,                                                                      # row
+              lambda q, k, v: transpose(row(transpose(q), transpose(k), transpose(v))),  # column
+              lambda q, k, v: dense(q, k, v, PATTERNS.index("conv")))                  # conv
+
+  def attend(query, key, value, pattern_id):
+    _check_inputs(query, key, value, text_length + grid_size * grid_size)
+    return jax.lax.switch(pattern_id, branches, query, key, value)
 
   return attend
 

@@ -1,6 +1,7 @@
 """DALL·E attention: masks against element-by-element definitions, the layer schedule, dense attention,
 splash attention (the Pallas kernel in interpret mode on the CPU, and compiled for a TPU topology)."""
 
+import functools
 import importlib.util
 
 import flax.linen as nn
@@ -145,6 +146,33 @@ def test_dense_under_scan_and_shardings():
     value, grads = jax.jit(jax.value_and_grad(scanned, argnums=(0, 1, 2)))(*qkv)
   reference = jax.value_and_grad(unrolled_reference(t, g, k, 6), argnums=(0, 1, 2))
   expected, expected_grads = jax.jit(reference)(*qkv)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  for grad, expected_grad in zip(grads, expected_grads):
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [(3, 4, 3), (0, 3, 3), (5, 6, 5)])
+def test_axial_equals_dense_for_every_pattern(sizes):
+  """Row and column layers computed over their own keys give the masked dense result, gradients too."""
+  t, g, k = sizes
+  q, key, v = random_qkv((2, t + g * g, 2, 8))
+  axial, dense = (attention.make_attention_fn(kind, t, g, k) for kind in ("axial", "dense"))
+  for pattern_id in range(len(attention.PATTERNS)):
+    loss = lambda fn, *qkv: (fn(*qkv, jnp.int32(pattern_id)) * v).sum()  # noqa: E731
+    got, got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, axial), argnums=(0, 1, 2)))(q, key, v)
+    want, want_grads = jax.jit(jax.value_and_grad(functools.partial(loss, dense), argnums=(0, 1, 2)))(q, key, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(axial(q, key, v, pattern_id), dense(q, key, v, pattern_id), rtol=1e-5, atol=1e-6)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+      np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_axial_under_scan():
+  t, g, k = 3, 4, 3
+  qkv = random_qkv((2, t + g * g, 2, 8))
+  scanned = scanned_stack(attention.make_attention_fn("axial", t, g, k), 6)
+  value, grads = jax.jit(jax.value_and_grad(scanned, argnums=(0, 1, 2)))(*qkv)
+  expected, expected_grads = jax.jit(jax.value_and_grad(unrolled_reference(t, g, k, 6), argnums=(0, 1, 2)))(*qkv)
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   for grad, expected_grad in zip(grads, expected_grads):
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
