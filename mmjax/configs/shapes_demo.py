@@ -1,4 +1,4 @@
-"""The whole pipeline on the embedded shapes set: what `make demo` runs (≈13 minutes on a 2-core CPU).
+"""The whole pipeline on the embedded shapes set: what `make demo` runs (≈14 minutes on a 2-core CPU).
 
   python -m mmjax.main --config=mmjax/configs/shapes_demo.py --workdir=demo_workdir
 
@@ -17,10 +17,11 @@ from mmjax.configs import clip_shapes, common, dalle_shapes, dvae_encode, dvae_s
 
 # One shapes build (32 px) serves every stage: the train split's size is shared.
 NUM_TRAIN_EXAMPLES = 10_000
-# Updates per trained stage, cut from each config's own so the whole demo takes ≈13 minutes on an
-# idle 2-core CPU (measured per stage: dvae ≈4 updates/s, dalle ≈2.5, clip ≈9; encode and samples
-# ≈20 s each). The README lists what each stage reaches at these budgets.
-DEMO_STEPS = {"dvae": 1000, "dalle": 800, "clip": 1200}
+# Updates per trained stage, cut from each config's own so the whole demo fits in 15 minutes on a
+# 2-core CPU. A clean-clone run of session 8 took 1,018 s with 1,000 / 800 / 1,200 updates
+# (stages: dvae 299 s, encode 27, dalle 385, clip 231, samples 73); these budgets take ≈170 s
+# off that. The README lists what each stage reaches at these budgets.
+DEMO_STEPS = {"dvae": 800, "dalle": 600, "clip": 1000}
 
 
 def shorten(stage, steps):
