@@ -305,17 +305,12 @@ def main(argv):
   rows = []
   for name in cases:
     rows.extend(bench_case(name, *CASES[name], calls=calls, repeats=_REPEATS.value))
-  command = timing.command_line("clip.py")
-  environment = timing.environment(load_before, torch_threads=DEFAULT_TORCH_THREADS, torch=torch.__version__,
-                                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
-                                   malloc_keeps_freed_memory=HOST_MEMORY_KEPT)
-  print()
-  print(table(rows))
-  print(f"\nf32; rates from the best of {_REPEATS.value} repeats (median in brackets), JAX and PyTorch "
-        f"alternating; train step = forward, backward, AdamW, EMA (pairs/s); ratio against the faster "
-        f"PyTorch setting. Load average before/after {load_before[0]:.1f}/"
-        f"{environment['load_average_after'][0]:.1f} on {os.cpu_count()} cores.\nReproduce: `{command}`")
-  timing.write_results(_OUTPUT.value, command, environment, rows)
+  timing.finish("clip.py", table(rows),
+                f"f32; rates from the best of {_REPEATS.value} repeats (median in brackets), JAX and PyTorch "
+                f"alternating; train step = forward, backward, AdamW, EMA (pairs/s); ratio against the faster "
+                f"PyTorch setting.", load_before, _OUTPUT.value, rows,
+                torch_threads=DEFAULT_TORCH_THREADS, torch=torch.__version__,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), malloc_keeps_freed_memory=HOST_MEMORY_KEPT)
 
 
 if __name__ == "__main__":

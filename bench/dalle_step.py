@@ -82,16 +82,13 @@ def main(argv):
     rows.append({"variant": name, "kernel": VARIANTS[name][0], "scan_layers": VARIANTS[name][1],
                  "steps_per_s": best, "median_steps_per_s": median, "times_s": times[name]})
   baseline = rows[0]["steps_per_s"]
-  print(timing.markdown_table(
+  table = timing.markdown_table(
       ["variant", "steps/s (median)", f"vs {rows[0]['variant']}"],
       [[r["variant"], f"{r['steps_per_s']:.3g} ({r['median_steps_per_s']:.3g})", f"{r['steps_per_s'] / baseline:.2f}×"]
-       for r in rows]))
-  command = timing.command_line("dalle_step.py")
-  environment = timing.environment(load_before, malloc_keeps_freed_memory=HOST_MEMORY_KEPT)
-  print(f"\ndalle_shapes.py:shapes train step, batch 32, f32, best of {_REPEATS.value} × {STEPS_PER_CALL} steps. "
-        f"Load average before/after {load_before[0]:.1f}/{environment['load_average_after'][0]:.1f} on "
-        f"{os.cpu_count()} cores.\nReproduce: `{command}`")
-  timing.write_results(_OUTPUT.value, command, environment, rows)
+       for r in rows])
+  timing.finish("dalle_step.py", table,
+                f"dalle_shapes.py:shapes train step, batch 32, f32, best of {_REPEATS.value} × {STEPS_PER_CALL} steps.",
+                load_before, _OUTPUT.value, rows, malloc_keeps_freed_memory=HOST_MEMORY_KEPT)
 
 
 if __name__ == "__main__":

@@ -120,14 +120,10 @@ def main(argv):
   rows = []
   for name in cases:
     rows.extend(bench_case(name, *CASES[name], repeats=_REPEATS.value))
-  command = timing.command_line("dvae.py")
-  environment = timing.environment(load_before, torch_threads=torch.get_num_threads(), torch=torch.__version__)
-  print()
-  print(table(rows))
-  print(f"\nimages/s from the best of {_REPEATS.value} repeats (median in brackets); "
-        f"torch threads {environment['torch_threads']}; load average before/after "
-        f"{load_before[0]:.1f}/{environment['load_average_after'][0]:.1f}.\nReproduce: `{command}`")
-  timing.write_results(_OUTPUT.value, command, environment, rows)
+  threads = torch.get_num_threads()
+  timing.finish("dvae.py", table(rows),
+                f"images/s from the best of {_REPEATS.value} repeats (median in brackets); torch threads {threads}.",
+                load_before, _OUTPUT.value, rows, torch_threads=threads, torch=torch.__version__)
 
 
 if __name__ == "__main__":

@@ -134,15 +134,10 @@ def main(argv):
   cases = timing.select_cases(_CASES.value, CASES)
   load_before = timing.load_average()
   rows = [bench_case(name, CASES[name], _BATCH.value, _REPEATS.value, _FULL_STEPS.value) for name in cases]
-  command = timing.command_line("sampling.py")
-  environment = timing.environment(load_before)
-  print()
-  print(table(rows))
-  print(f"\nf32, temperature 1; tokens/s from the best of {_REPEATS.value} repeats (median in brackets); the "
-        f"KV cache over all N positions (prefill included), the full forward over the first "
-        f"{_FULL_STEPS.value}. Load average before/after {load_before[0]:.1f}/"
-        f"{environment['load_average_after'][0]:.1f} on {os.cpu_count()} cores.\nReproduce: `{command}`")
-  timing.write_results(_OUTPUT.value, command, environment, rows)
+  timing.finish("sampling.py", table(rows),
+                f"f32, temperature 1; tokens/s from the best of {_REPEATS.value} repeats (median in brackets); "
+                f"the KV cache over all N positions (prefill included), the full forward over the first "
+                f"{_FULL_STEPS.value}.", load_before, _OUTPUT.value, rows)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,15 @@ def write_results(path, command, environment_fields, rows):
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps({"command": command, "environment": environment_fields, "rows": rows}, indent=1))
   print(f"wrote {output}")
+
+
+def finish(script, table_text, summary, load_before, output, rows, **extra):
+  """Ends a bench: prints the table, `summary` with the load average before/after and the command
+  that reproduces the run, and writes the JSON results (`environment` fields plus `extra`)."""
+  command = command_line(script)
+  fields = environment(load_before, **extra)
+  print()
+  print(table_text)
+  print(f"\n{summary} Load average before/after {load_before[0]:.1f}/{fields['load_average_after'][0]:.1f} "
+        f"on {os.cpu_count()} cores.\nReproduce: `{command}`")
+  write_results(output, command, fields, rows)

@@ -94,7 +94,8 @@ def create_dataset(config, data_dir, tokenizer, *, train, process_index=None, pr
     return cropped if decoded is None else (cropped, decoded)
 
   def finish_batch(batch_index, batch):
-    # Per batch, not per example: the grey draws are keyed on (seed, process, batch index).
+    # Per batch, not per example: the grey draws are keyed on (seed, process, batch index); the
+    # trailing -1 keeps these seeds apart from the per-example crop seeds (seed, process, position).
     images, captions = preprocess.maybe_grayscale(
         batch["image"], batch["caption"], grayscale_prob, grayscale_words,
         preprocess.element_seed(config.seed, process_index, batch_index, -1))

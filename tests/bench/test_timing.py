@@ -70,3 +70,15 @@ def test_environment_and_results_file(tmp_path, capsys):
   assert json.loads(path.read_text()) == {"command": "cmd", "environment": environment,
                                           "rows": [{"case": "tiny", "ratio": 1.5}]}
   assert f"wrote {path}" in capsys.readouterr().out
+
+
+def test_finish_prints_table_summary_load_and_command_then_writes(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr("sys.argv", ["x.py", "--cases=tiny"])
+  path = tmp_path / "x.json"
+  timing.finish("x.py", "| t |", "f32, best of 3.", (1.5, 0.0, 0.0), path, [{"case": "tiny"}], torch_threads=1)
+  out = capsys.readouterr().out
+  assert "| t |\n\nf32, best of 3. Load average before/after 1.5/" in out
+  assert "Reproduce: `.venv/bin/python bench/x.py --cases=tiny`" in out
+  written = json.loads(path.read_text())
+  assert written["command"] == ".venv/bin/python bench/x.py --cases=tiny" and written["rows"] == [{"case": "tiny"}]
+  assert written["environment"]["torch_threads"] == 1
