@@ -63,26 +63,42 @@ def wire_stages(config, workdir):
   return stages
 
 
-def _stage_record(stage_config):
-  return json.loads(stage_config.to_json_best_effort(sort_keys=True))
+WORKDIR_TOKEN = "<workdir>"
 
 
-def _finished(name, directory, stage_config):
+def _stage_record(stage_config, workdir):
+  """The stage's config as JSON, with the workdir in its wired paths written as <workdir>: a
+  workdir that was moved, or named relative rather than absolute, still matches its records."""
+  prefix = os.path.normpath(workdir)
+
+  def relative(value):
+    if isinstance(value, dict):
+      return {key: relative(item) for key, item in value.items()}
+    if isinstance(value, list):
+      return [relative(item) for item in value]
+    if isinstance(value, str) and value and (value == prefix or value.startswith(prefix + os.sep)):
+      return WORKDIR_TOKEN + value[len(prefix):]
+    return value
+
+  return relative(json.loads(stage_config.to_json_best_effort(sort_keys=True)))
+
+
+def _finished(name, directory, stage_config, workdir):
   path = os.path.join(directory, STAGE_FILE)
   if not os.path.exists(path):
     return False
   with open(path) as f:
     saved = json.load(f)
-  if saved.get("config") != _stage_record(stage_config):
+  if saved.get("config") != _stage_record(stage_config, workdir):
     raise ConfigError(f"config.stages.{name} differs from the config stage {name!r} finished with in "
                       f"{directory}; use a new --workdir or delete {directory} to run it again")
   return True
 
 
-def _mark_finished(directory, stage_config, seconds):
+def _mark_finished(directory, stage_config, workdir, seconds):
   if jax.process_index() == 0:
     with open(os.path.join(directory, STAGE_FILE), "w") as f:
-      json.dump({"config": _stage_record(stage_config), "seconds": seconds}, f, indent=1)
+      json.dump({"config": _stage_record(stage_config, workdir), "seconds": seconds}, f, indent=1)
 
 
 def check_stages(stages):
@@ -112,7 +128,7 @@ def run(config, workdir):
 
   for number, name in enumerate(STAGES, 1):
     directory = dirs[name]
-    if _finished(name, directory, stages[name]):
+    if _finished(name, directory, stages[name], workdir):
       logging.info("[%d/%d] %s: finished earlier in %s, reused", number, len(STAGES), name, directory)
       print(f"[{number}/{len(STAGES)}] {name}: reused ({directory})", flush=True)
       continue
@@ -122,7 +138,7 @@ def run(config, workdir):
     stage_start = time.perf_counter()
     registry.get_trainer(stages[name].trainer).run(stages[name], directory)
     seconds = time.perf_counter() - stage_start
-    _mark_finished(directory, stages[name], seconds)
+    _mark_finished(directory, stages[name], workdir, seconds)
     print(f"[{number}/{len(STAGES)}] {name}: done in {seconds:.0f} s", flush=True)
   print(f"demo: all stages done in {time.perf_counter() - start:.0f} s; see "
         f"{os.path.join(workdir, 'samples.png')} and metrics.json", flush=True)

@@ -42,17 +42,29 @@ def test_demo_stages_run_shortened_schedules_that_validate(tmp_path):
 
 
 def test_a_finished_stage_is_reused_only_with_the_same_config(tmp_path):
-  stages = demo.wire_stages(shapes_demo.get_config(), str(tmp_path))
-  directory = str(tmp_path / "dvae")
+  workdir = str(tmp_path / "demo")
+  stages = demo.wire_stages(shapes_demo.get_config(), workdir)
+  directory = os.path.join(workdir, "dvae")
   os.makedirs(directory)
-  assert not demo._finished("dvae", directory, stages.dvae)
-  demo._mark_finished(directory, stages.dvae, seconds=1.0)
+  assert not demo._finished("dvae", directory, stages.dvae, workdir)
+  demo._mark_finished(directory, stages.dvae, workdir, seconds=1.0)
   with open(os.path.join(directory, demo.STAGE_FILE)) as f:
-    assert json.load(f)["seconds"] == 1.0
-  assert demo._finished("dvae", directory, stages.dvae)
-  stages.dvae.num_train_steps += 1
+    record = json.load(f)
+  assert record["seconds"] == 1.0
+  assert record["config"]["data"]["data_dir"] == "<workdir>/tfds"  # no absolute path is recorded
+  assert demo._finished("dvae", directory, stages.dvae, workdir)
+  # Moved, or named by a relative path: the same stage, still reused.
+  moved = str(tmp_path / "elsewhere")
+  os.rename(workdir, moved)
+  assert demo._finished("dvae", os.path.join(moved, "dvae"),
+                        demo.wire_stages(shapes_demo.get_config(), moved).dvae, moved)
+  relative = os.path.relpath(moved)
+  assert demo._finished("dvae", os.path.join(relative, "dvae"),
+                        demo.wire_stages(shapes_demo.get_config(), relative).dvae, relative)
+  changed = demo.wire_stages(shapes_demo.get_config(), moved).dvae
+  changed.num_train_steps += 1
   with pytest.raises(ConfigError, match="config.stages.dvae differs"):
-    demo._finished("dvae", directory, stages.dvae)
+    demo._finished("dvae", os.path.join(moved, "dvae"), changed, moved)
 
 
 def test_samples_stage_takes_each_caption_group_and_shows_both(monkeypatch):
