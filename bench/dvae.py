@@ -19,6 +19,11 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from mmjax import host_memory  # noqa: E402
+
+# As `python -m mmjax.main` does on the CPU: freed memory is kept for reuse (mmjax/host_memory.py).
+HOST_MEMORY_KEPT = host_memory.keep_freed_memory()
+
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -123,7 +128,8 @@ def main(argv):
   threads = torch.get_num_threads()
   timing.finish("dvae.py", table(rows),
                 f"images/s from the best of {_REPEATS.value} repeats (median in brackets); torch threads {threads}.",
-                load_before, _OUTPUT.value, rows, torch_threads=threads, torch=torch.__version__)
+                load_before, _OUTPUT.value, rows, torch_threads=threads, torch=torch.__version__,
+                malloc_keeps_freed_memory=HOST_MEMORY_KEPT)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from mmjax import host_memory  # noqa: E402
+
+# As `python -m mmjax.main` does on the CPU: freed memory is kept for reuse (mmjax/host_memory.py).
+HOST_MEMORY_KEPT = host_memory.keep_freed_memory()
+
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -137,7 +142,8 @@ def main(argv):
   timing.finish("sampling.py", table(rows),
                 f"f32, temperature 1; tokens/s from the best of {_REPEATS.value} repeats (median in brackets); "
                 f"the KV cache over all N positions (prefill included), the full forward over the first "
-                f"{_FULL_STEPS.value}.", load_before, _OUTPUT.value, rows)
+                f"{_FULL_STEPS.value}.", load_before, _OUTPUT.value, rows,
+                malloc_keeps_freed_memory=HOST_MEMORY_KEPT)
 
 
 if __name__ == "__main__":

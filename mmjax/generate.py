@@ -371,6 +371,18 @@ class Generator:
       encoder.params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), encoder.params)
       self.clip = (encoder, clip_tokenizer)
 
+  def image_nll(self, captions: Sequence[str], codes):
+    """−log p(codes | caption) under the transformer, summed over the grid: f32 [n] for n captions
+    and codes int [n, grid_size²] (teacher-forced, one forward pass; rows padded to the mesh)."""
+    text = self.tokenizer.tokenize(list(captions), "dalle", self.model.text_length)
+    rows = len(captions)
+    padded = -(-rows // batch_shards(self.mesh, self.rules)) * batch_shards(self.mesh, self.rules)
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], padded - rows, axis=0)])  # noqa: E731
+    with sharding.mesh_and_rules(self.mesh, self.rules):
+      nll = _image_nll(self.model, self.mesh, self.rules)(
+          self.params, pad(np.asarray(text, np.int32)), pad(np.asarray(codes, np.int32)))
+    return _gather(nll)[:rows]
+
   def generate(self, prompts: Sequence[str], num_candidates, top, settings=SamplingSettings(), seed=0,
                batch_size=16):
     """`num_candidates` per prompt, `batch_size` per jitted call (the last call padded), candidate i
@@ -410,6 +422,16 @@ class Generator:
       kept = rerank(scores, top)
     return Samples(list(prompts), codes, images.reshape(len(prompts), num_candidates, *images.shape[1:]),
                    seeds.reshape(len(prompts), num_candidates), scores, kept)
+
+
+@functools.lru_cache(maxsize=2)
+def _image_nll(model, mesh, rules):
+  del mesh, rules  # cache keys, as for _decoder
+
+  def image_nll(params, text_tokens, image_tokens):
+    logits = model.apply({"params": params}, text_tokens, image_tokens)
+    return dalle.image_code_nll(logits, image_tokens, image_vocab_size=model.image_vocab_size).sum(axis=-1)
+  return jax.jit(image_nll)
 
 
 def check_counts(num_candidates, top, batch_size, shards=1):

@@ -309,6 +309,24 @@ def test_without_clip_the_first_candidates_are_kept(exports, tmp_path, caplog):
     generator.generate(["a red circle"], num_candidates=8, top=3, batch_size=4)  # 8 devices
 
 
+def test_image_nll_is_the_teacher_forced_negative_log_likelihood(exports):
+  """Generator.image_nll against log-softmax of one plain forward pass, for 3 rows (padded to 8 devices)."""
+  generator = generate.Generator(str(exports / "dalle"), str(exports / "dvae"))
+  captions = ["a red circle", "a blue square", "a red circle"]
+  codes = np.random.default_rng(0).integers(0, 16, (3, 16))
+  codes[2] = codes[0]   # rows 0 and 2: the same caption and codes
+  nll = generator.image_nll(captions, codes)
+  model, params = generator.model, jax.device_get(generator.params)
+  text = np.asarray(generator.tokenizer.tokenize(captions, "dalle", 8), np.int32)
+  logits = np.asarray(model.apply({"params": params}, text, codes.astype(np.int32)), np.float64)
+  image_logits = logits[:, 7:-1, model.text_rows:]   # the position before each code predicts it
+  log_probs = image_logits - np.log(np.exp(image_logits).sum(-1, keepdims=True))
+  expected = -np.take_along_axis(log_probs, codes[..., None], -1)[..., 0].sum(-1)
+  assert nll.shape == (3,)
+  np.testing.assert_allclose(nll, expected, rtol=1e-5)
+  assert nll[0] == pytest.approx(nll[2], rel=1e-6) and nll[0] != pytest.approx(nll[1])
+
+
 def test_training_samples_hook(exports, tmp_path, caplog):
   """The DALL·E trainer's hook: sharded params and host-local caption rows → a captioned PNG."""
   mesh = sharding.create_mesh(common.mesh_config(data=-1))

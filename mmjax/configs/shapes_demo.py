@@ -55,6 +55,7 @@ def samples_config(data):
   config.dvae = ""
   config.clip = ""
   config.tokenizer = ""
+  config.tokens_dir = ""          # filled in: the encode stage's token files ("" = no likelihood test)
   return config
 
 

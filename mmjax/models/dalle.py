@@ -262,6 +262,15 @@ def _cross_entropy(logits, targets):
   return -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+def image_code_nll(logits, image_tokens, *, image_vocab_size):
+  """−log p of each image code given the text and the codes before it: [B, N] f32 (logits from
+  `Dalle.__call__`, image_tokens [B, N] or [B, g, g])."""
+  targets = image_tokens.reshape(image_tokens.shape[0], -1)
+  text_rows = logits.shape[-1] - image_vocab_size
+  first = logits.shape[1] - targets.shape[1] - 1   # the last text position predicts the first code
+  return _cross_entropy(logits[:, first:-1, text_rows:], targets)
+
+
 def dalle_loss(logits, text_tokens, image_tokens, *, image_vocab_size, text_loss_weight=1 / 8):
   """The paper's loss: cross-entropy averaged per modality, text × 1/8 + image × 7/8.
 
@@ -273,8 +282,7 @@ def dalle_loss(logits, text_tokens, image_tokens, *, image_vocab_size, text_loss
   text_length = text_tokens.shape[1]
   text_rows = logits.shape[-1] - image_vocab_size
   text_loss = _cross_entropy(logits[:, :text_length - 1, :text_rows], text_tokens[:, 1:]).mean()
-  image_targets = image_tokens.reshape(image_tokens.shape[0], -1)
-  image_loss = _cross_entropy(logits[:, text_length - 1:-1, text_rows:], image_targets).mean()
+  image_loss = image_code_nll(logits, image_tokens, image_vocab_size=image_vocab_size).mean()
   loss = text_loss_weight * text_loss + (1 - text_loss_weight) * image_loss
   return loss, {"loss": loss, "text_loss": text_loss, "image_loss": image_loss}
 

@@ -60,6 +60,7 @@ def wire_stages(config, workdir):
   samples.clip = os.path.join(dirs["clip"], "clip")
   samples.tokenizer = tokenizer_path
   samples.data_dir = shared["data_dir"]
+  samples.tokens_dir = stages.encode.output_dir
   return stages
 
 

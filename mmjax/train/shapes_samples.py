@@ -9,7 +9,12 @@ Reads the dalle, dvae and clip exports the earlier stages wrote (paths in `confi
   metrics.json   the shapes oracle's accuracy (colour, shape, size, relation, all) of
                  "first": the first sample of each caption (what one sample gives), and
                  "reranked": the candidate CLIP scores highest among `num_candidates`,
-                 over all captions and separately over one- and two-object captions.
+                 over all captions and separately over one- and two-object captions;
+                 "likelihood_preference" (when the token files are given): how often the
+                 transformer scores a test image's true codes likeliest under its own caption
+                 rather than one with another colour / shape / size word. It tells what the
+                 model learned apart from sampling: a high preference with samples at chance
+                 means the sampler, not the model, loses the attribute.
 
 Captions are the test split's distinct captions in file order: the first
 `num_one_object_captions` one-object and the first `num_two_object_captions` two-object ones
@@ -21,6 +26,7 @@ has to compose attributes it only saw apart.
 import collections
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -28,7 +34,7 @@ from absl import logging
 
 from mmjax import generate
 from mmjax.errors import ConfigError
-from mmjax.input_pipeline import datasets
+from mmjax.input_pipeline import datasets, shapes_render, token_files
 from mmjax.tools import shapes_oracle
 
 ORACLE_KEYS = ("colour", "shape", "size", "relation", "all")
@@ -76,6 +82,54 @@ def oracle_accuracy(images, captions):
   return report
 
 
+ATTRIBUTE_WORDS = {"colour": shapes_render.COLOUR_NAMES, "shape": shapes_render.SHAPES,
+                   "size": shapes_render.SIZES}
+
+
+def word_swaps(caption, words):
+  """(index of the caption's word among `words`, the caption with each of `words` in its place), or
+  None when the caption holds none of them (a caption without a size word)."""
+  for index, word in enumerate(words):
+    pattern = re.compile(rf"\b{word}\b")
+    if pattern.search(caption):
+      return index, [pattern.sub(other, caption) for other in words]
+  return None
+
+
+def likelihood_preference(captions, image_codes, nll_fn):
+  """{attribute: fraction of examples whose codes are strictly likeliest under their own word}.
+
+  For each caption and attribute (colour, shape, size), the caption is rewritten with every word
+  of that attribute and `nll_fn(captions, codes)` (−log p of the codes under each caption, [n])
+  scores the true codes under each: the transformer "prefers" the truth when its own caption wins.
+  This is what the model learned, free of sampling: compare it with the oracle on samples.
+  """
+  wins, counts = collections.Counter(), collections.Counter()
+  for caption, codes in zip(captions, image_codes):
+    for attribute, words in ATTRIBUTE_WORDS.items():
+      swaps = word_swaps(caption, words)
+      if swaps is None:
+        continue
+      index, variants = swaps
+      nll = np.asarray(nll_fn(variants, np.stack([codes] * len(variants))))
+      counts[attribute] += 1
+      wins[attribute] += bool(nll[index] < np.delete(nll, index).min())
+  return {"examples": len(captions), **{a: wins[a] / counts[a] for a in ATTRIBUTE_WORDS if counts[a]}}
+
+
+def one_object_codes(tokens_dir, split, count):
+  """(captions, image codes [n, N]) of the first `count` one-object examples of an encoded split."""
+  captions, codes = [], []
+  for example in token_files.token_dataset(tokens_dir, split, 0, 1).as_numpy_iterator():
+    caption = example["caption"].decode()
+    if object_count(caption) == 1:
+      captions.append(caption)
+      codes.append(example["image_tokens"])
+    if len(captions) == count:
+      break
+  return captions, np.stack(codes) if codes else np.zeros((0, 0), np.int32)
+
+
 def run(config, workdir):
   if config.top > config.num_candidates:
     raise ConfigError(f"config.top={config.top} exceeds config.num_candidates={config.num_candidates}")
@@ -94,6 +148,9 @@ def run(config, workdir):
       "first": oracle_accuracy(first, captions),
       "reranked": oracle_accuracy(best, captions),
   }
+  if config.tokens_dir:
+    held_out, codes = one_object_codes(config.tokens_dir, config.split, config.num_one_object_captions)
+    metrics["likelihood_preference"] = likelihood_preference(held_out, codes, generator.image_nll)
   if jax.process_index() == 0:
     rows = grid_rows(captions, config.grid_captions)
     shown = generate.Samples([captions[i] for i in rows], samples.codes[rows], samples.images[rows],
@@ -103,6 +160,9 @@ def run(config, workdir):
                            os.path.join(workdir, "samples.json"), {"settings": metrics["sampling"]})
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(metrics, f, indent=1)
+    if "likelihood_preference" in metrics:
+      print("transformer likelihood prefers the true word: " + "  ".join(
+          f"{k} {v:.3f}" for k, v in metrics["likelihood_preference"].items() if k != "examples"))
     for name in ("first", "reranked"):
       for group, values in metrics[name].items():
         print(f"oracle {name:9s} {group:13s} " + "  ".join(

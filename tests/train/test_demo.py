@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from mmjax.configs import shapes_demo
@@ -83,3 +84,32 @@ def test_samples_stage_takes_each_caption_group_and_shows_both(monkeypatch):
   config.num_two_object_captions = 4
   with pytest.raises(ConfigError, match="only 3 distinct two-object captions"):
     shapes_samples.test_captions(config)
+
+
+def test_likelihood_preference_counts_strict_wins_per_attribute():
+  from mmjax.train import shapes_samples
+  render = shapes_samples.shapes_render
+  captions = ["a small red circle", "a blue square on a black background", "there is a large white star"]
+  # Codes name the truth: [colour, shape, size (−1: the caption has none)].
+  truth = [(c, s, z) for c, s, z in ((0, 0, 0), (2, 1, -1), (6, 5, 1))]
+  codes = np.array(truth)
+  assert shapes_samples.word_swaps(captions[1], render.SIZES) is None
+  index, variants = shapes_samples.word_swaps(captions[0], render.SHAPES)
+  assert index == 0 and variants[3] == "a small red diamond" and len(variants) == len(render.SHAPES)
+
+  def scorer(read_colour=True):
+    """−log p = how many attributes of the caption disagree with the codes (colour ignored unless read)."""
+    def nll(texts, rows):
+      out = []
+      for text, row in zip(texts, rows):
+        scene = shapes_samples.shapes_oracle.parse_caption(text).objects[0]
+        wrong = (scene.shape != render.SHAPES[row[1]]) + (read_colour and scene.colour != render.COLOUR_NAMES[row[0]])
+        wrong += row[2] >= 0 and scene.size != render.SIZES[row[2]]
+        out.append(float(wrong))
+      return np.array(out)
+    return nll
+
+  assert shapes_samples.likelihood_preference(captions, codes, scorer()) == {
+      "examples": 3, "colour": 1.0, "shape": 1.0, "size": 1.0}
+  # A model blind to colour ties every colour word: a tie is not a preference.
+  assert shapes_samples.likelihood_preference(captions, codes, scorer(read_colour=False))["colour"] == 0.0
