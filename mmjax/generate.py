@@ -275,7 +275,7 @@ def decoding_model(model, params, mesh=None, rules=RULES):
   """(the model with scan_layers=False, its params unstacked): what sampling should run.
 
   A scanned layer stack restacks the whole KV cache at every decoded token (flax's scan over the
-  "cache" collection); separate layers update their caches in place, about 2× faster per token on
+  "cache" collection); separate layers update their caches in place, about 1.6× faster per token on
   this CPU (bench/sampling.py). Compilation unrolls the layers instead. With `mesh`, the unstacked
   params get their logical shardings. The input params are left as they are (a trainer keeps them).
   """
