@@ -70,10 +70,12 @@ def source_dataset(data_config, data_dir, split, process_index, process_count, c
         shuffle_seed=seed, shuffle_reshuffle_each_iteration=True,
         try_autocache=False,  # an in-memory cache would be written whole into every iterator checkpoint
         skip_prefetch=True)   # the pipeline prefetches once, at the end
-    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
-    dataset = builder.as_dataset(split=host_split, shuffle_files=seed is not None, read_config=read_config,
-                                 decoders=decoders)
-    return dataset.map(lambda example: {"image": example["image"], "caption": example["caption"]})
+    # Only image and caption are parsed: the per-object label sequences cost more to parse than both.
+    decoders = tfds.decode.PartialDecoding(
+        {"image": True, "caption": True},
+        decoders=None if decode_images else {"image": tfds.decode.SkipDecoding()})
+    return builder.as_dataset(split=host_split, shuffle_files=seed is not None, read_config=read_config,
+                              decoders=decoders)
   if name in ("folder", "tfrecord"):
     if not data_config.path:
       raise ConfigError(f"config.data.path is empty; data.name={name!r} needs a folder or a TFRecord glob")
@@ -89,7 +91,8 @@ def source_dataset(data_config, data_dir, split, process_index, process_count, c
 def captions(data_config, data_dir, split="train", limit=None):
   """Up to `limit` captions of a split, in file order: a tokenizer corpus for `corpus="dataset"`."""
   from mmjax.input_pipeline import preprocess  # pylint: disable=g-import-not-at-top
-  dataset = source_dataset(data_config, data_dir, split, 0, 1, preprocess.SkipCounter("captions"))
+  dataset = source_dataset(data_config, data_dir, split, 0, 1, preprocess.SkipCounter("captions"),
+                           decode_images=False)
   dataset = dataset.map(lambda example: example["caption"])
   if limit:
     dataset = dataset.take(limit)
