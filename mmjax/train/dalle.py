@@ -400,30 +400,15 @@ def run(config, workdir):
   writer = metrics_lib.MetricWriter(workdir)
 
   # Loop.
-  train_scalars, eval_scalars, history = {}, {}, []
-  last_log = (time.perf_counter(), step)
-  while step < config.num_train_steps:
-    local = next(train_iterator)
-    with sharding.mesh_and_rules(mesh, rules):
-      state, scalars = train_step_fn(state, global_batch(local, mesh, rules))
-    step += 1
-    history.append(scalars)
-    last_step = step == config.num_train_steps
-    if step % config.log_every_steps == 0 or last_step:
-      train_scalars = metrics_lib.mean_scalars(history)
-      seconds = time.perf_counter() - last_log[0]
-      train_scalars["steps_per_second"] = (step - last_log[1]) / seconds
-      train_scalars["tokens_per_second"] = (train_scalars["steps_per_second"] * config.data.global_batch
-                                            * model.sequence_length)
-      writer.write_scalars(step, train_scalars, prefix="train/")
-      history, last_log = [], (time.perf_counter(), step)
-    if evaluator is not None and (step % config.eval_every_steps == 0 or last_step):
-      eval_scalars = evaluator(state.eval_params, step)
-      writer.write_scalars(step, eval_scalars, prefix="eval/")
-      last_log = (time.perf_counter(), step)  # eval time is not training throughput
-    with sharding.mesh_and_rules(mesh, rules):
-      sample_hook(config, workdir, model, state.eval_params, step, local["text_tokens"])
-    checkpoints.save(step, state, train_iterator, force=last_step)
+  def after_step(state, step, local):
+    sample_hook(config, workdir, model, state.eval_params, step, local["text_tokens"])
+
+  state, step, train_scalars, eval_scalars = state_lib.train_loop(
+      config, state, step, train_iterator=train_iterator, train_step_fn=train_step_fn,
+      make_batch=lambda local: global_batch(local, mesh, rules), mesh=mesh, rules=rules,
+      evaluate=None if evaluator is None else lambda state, step: evaluator(state.eval_params, step),
+      writer=writer, checkpoints=checkpoints,
+      rates={"tokens": config.data.global_batch * model.sequence_length}, after_step=after_step)
 
   # Export the EMA (or final) params so generation rebuilds the model from model.json.
   checkpoints.wait()

@@ -437,27 +437,11 @@ def run(config, workdir):
   writer = metrics_lib.MetricWriter(workdir)
 
   # Loop.
-  train_scalars, eval_scalars, history = {}, {}, []
-  last_log = (time.perf_counter(), step)
-  while step < config.num_train_steps:
-    local = next(train_iterator)
-    batch = sharding.make_global_batch({"image": local["image"]}, mesh, rules)
-    with sharding.mesh_and_rules(mesh, rules):
-      state, scalars = train_step_fn(state, batch)
-    step += 1
-    history.append(scalars)
-    last_step = step == config.num_train_steps
-    if step % config.log_every_steps == 0 or last_step:
-      train_scalars = metrics_lib.mean_scalars(history)
-      seconds = time.perf_counter() - last_log[0]
-      train_scalars["steps_per_second"] = (step - last_log[1]) / seconds
-      writer.write_scalars(step, train_scalars, prefix="train/")
-      history, last_log = [], (time.perf_counter(), step)
-    if step % config.eval_every_steps == 0 or last_step:
-      eval_scalars = evaluator(state.ema_params, step, workdir)
-      writer.write_scalars(step, eval_scalars, prefix="eval/")
-      last_log = (time.perf_counter(), step)  # eval time is not training throughput
-    checkpoints.save(step, state, train_iterator, force=last_step)
+  state, step, train_scalars, eval_scalars = state_lib.train_loop(
+      config, state, step, train_iterator=train_iterator, train_step_fn=train_step_fn,
+      make_batch=lambda local: sharding.make_global_batch({"image": local["image"]}, mesh, rules),
+      mesh=mesh, rules=rules, evaluate=lambda state, step: evaluator(state.ema_params, step, workdir),
+      writer=writer, checkpoints=checkpoints)
 
   # Export the EMA params so tools rebuild the model from model.json.
   checkpoints.wait()

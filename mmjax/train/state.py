@@ -1,6 +1,7 @@
 """The train state every trainer shares: params, optimizer state, and an EMA of the params."""
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -11,6 +12,7 @@ from flax.training import train_state
 
 from mmjax import sharding
 from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import metrics as metrics_lib
 
 # XLA:CPU options for code that runs once: skip LLVM's optimisation (minutes → seconds to compile).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -83,6 +85,44 @@ def restore_or_init(config, workdir, data_iterator, abstract, shardings, init_fn
   else:
     logging.info("Resumed from step %d in %s", step, checkpoints.directory)
   return state, step, checkpoints
+
+
+def train_loop(config, state, step, *, train_iterator, train_step_fn, make_batch, mesh, rules, evaluate,
+               writer, checkpoints, rates=None, after_step=None):
+  """Updates from `step` to config.num_train_steps; returns (state, step, train scalars, eval scalars).
+
+  Every config.log_every_steps the mean train scalars are written with steps/s and, for each
+  `rates` entry (name → items per update), `<name>_per_second`. `evaluate(state, step)` (None: no
+  eval) runs every config.eval_every_steps; its time is left out of the throughput. Checkpoints
+  follow their own interval and the last step is always saved. `after_step(state, step, local)`
+  runs after each update (e.g. sample grids), inside the mesh and rules.
+  """
+  train_scalars, eval_scalars, history = {}, {}, []
+  last_log = (time.perf_counter(), step)
+  while step < config.num_train_steps:
+    local = next(train_iterator)
+    batch = make_batch(local)
+    with sharding.mesh_and_rules(mesh, rules):
+      state, scalars = train_step_fn(state, batch)
+    step += 1
+    history.append(scalars)
+    last_step = step == config.num_train_steps
+    if step % config.log_every_steps == 0 or last_step:
+      train_scalars = metrics_lib.mean_scalars(history)
+      train_scalars["steps_per_second"] = (step - last_log[1]) / (time.perf_counter() - last_log[0])
+      for name, per_step in (rates or {}).items():
+        train_scalars[f"{name}_per_second"] = train_scalars["steps_per_second"] * per_step
+      writer.write_scalars(step, train_scalars, prefix="train/")
+      history, last_log = [], (time.perf_counter(), step)
+    if evaluate is not None and (step % config.eval_every_steps == 0 or last_step):
+      eval_scalars = evaluate(state, step)
+      writer.write_scalars(step, eval_scalars, prefix="eval/")
+      last_log = (time.perf_counter(), step)  # eval time is not training throughput
+    if after_step is not None:
+      with sharding.mesh_and_rules(mesh, rules):
+        after_step(state, step, local)
+    checkpoints.save(step, state, train_iterator, force=last_step)
+  return state, step, train_scalars, eval_scalars
 
 
 @dataclasses.dataclass
