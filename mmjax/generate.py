@@ -15,7 +15,8 @@ time against the KV cache. Each code is drawn from the image logits only (`logit
 after temperature, top-k and top-p (nucleus) filtering; temperature 0 is argmax. With
 --guidance_scale s (classifier-free guidance) every candidate runs twice in the same batch, with its
 caption and with the all-pad caption (every text position its own pad id), interleaved so both rows
-sit on the same device, and samples from uncond + s·(cond − uncond).
+sit on the same device, and samples from uncond + s·(cond − uncond). The all-pad caption means
+"no caption" only to a transformer trained with `config.caption_dropout` > 0.
 
 Seeds: candidate j of prompt p draws its codes from `jax.random.key(seed + p·num_candidates + j)`
 folded with the code's position, so a candidate is reproduced by its recorded seed alone, whatever
@@ -104,12 +105,6 @@ def sample_logits(logits, keys, settings):
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def unconditional_text(model, batch):
-  """The all-pad caption in the "dalle" layout: position i holds its own pad id text_vocab_size + i."""
-  pads = jnp.arange(model.text_vocab_size, model.text_rows, dtype=jnp.int32)
-  return jnp.broadcast_to(pads, (batch, model.text_length))
-
-
 def candidate_keys(seeds, impl="threefry2x32"):
   """One PRNG key per candidate from integer seeds [B]. threefry's bits depend only on the key, so a
   candidate's codes do not depend on its batch or its devices."""
@@ -123,7 +118,7 @@ def _sample(params, text_tokens, keys, guidance_scale, *, model, settings, retur
   guided = settings.guidance_scale is not None
   rows = text_tokens
   if guided:  # [cond_0, uncond_0, cond_1, ...]: a candidate's two rows land on the same device
-    rows = jnp.stack([text_tokens, unconditional_text(model, batch)], axis=1).reshape(2 * batch, text_length)
+    rows = jnp.stack([text_tokens, dalle.unconditional_text(model, batch)], axis=1).reshape(2 * batch, text_length)
 
   def image_logits(logits):  # the last position's image part; guided: combined per candidate
     logits = logits[:, -1, model.text_rows:]

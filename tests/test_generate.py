@@ -180,7 +180,7 @@ def test_guidance_scale_one_is_unguided_and_guidance_combines_both_captions(tiny
                                                       return_logits=True)
   guided_codes = np.asarray(guided_codes)
   uncond_text = np.tile(np.arange(50, 56, dtype=np.int32), (BATCH, 1))
-  np.testing.assert_array_equal(generate.unconditional_text(model, BATCH), uncond_text)
+  np.testing.assert_array_equal(dalle.unconditional_text(model, BATCH), uncond_text)
   cond = full_image_logits(model, params, text, guided_codes)
   uncond = full_image_logits(model, params, uncond_text, guided_codes)
   np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), rtol=0, atol=5e-5)

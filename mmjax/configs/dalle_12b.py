@@ -90,6 +90,10 @@ def training_config(config, num_train_steps=430_000, learning_rate=4.5e-4, warmu
   # half-size all-gathers and gradients); "" = the f32 params themselves.
   config.param_copy_dtype = param_copy_dtype
   config.text_loss_weight = 1 / 8           # loss = text/8 + image·7/8
+  # Fraction of captions replaced by the all-pad caption, so the model also learns p(image) and
+  # `mmjax.generate --guidance_scale` has an unconditional model to guide against. The paper
+  # trained without; classifier-free guidance needs it (e.g. 0.1-0.2).
+  config.caption_dropout = 0.0
   config.ema_decay = ema_decay              # 0 = no EMA: eval and export use the params
   config.rng_impl = ""                      # init PRNG ("" = JAX's default; "rbg" compiles faster on CPU)
   config.eval_split = "validation"          # the token files' split for the validation loss

@@ -289,6 +289,20 @@ def dalle_loss(logits, text_tokens, image_tokens, *, image_vocab_size, text_loss
 
 # ----------------------------------------------------------------------------- decoding helpers
 
+def unconditional_text(model, batch):
+  """The all-pad caption in the "dalle" layout, int32 [batch, text_length]: position i holds its own
+  pad id text_vocab_size + i. Classifier-free guidance samples against it; training with
+  `caption_dropout` > 0 shows it in place of some captions so the model learns p(image) too."""
+  pads = jnp.arange(model.text_vocab_size, model.text_vocab_size + model.text_length, dtype=jnp.int32)
+  return jnp.broadcast_to(pads, (batch, model.text_length))
+
+
+def drop_captions(text_tokens, rate, key, model):
+  """text_tokens [B, T] with each row replaced by `unconditional_text` with probability `rate`."""
+  dropped = jax.random.bernoulli(key, rate, (text_tokens.shape[0], 1))
+  return jnp.where(dropped, unconditional_text(model, text_tokens.shape[0]), text_tokens)
+
+
 def init_cache(model, batch):
   """An all-zero KV cache for `batch` sequences (no params are created: shapes come from eval_shape)."""
   tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)

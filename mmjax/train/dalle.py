@@ -84,6 +84,7 @@ def check_config(config):
   require(config.eval_batches >= 0, "eval_batches", f"must be >= 0 (0 = the whole split), got {config.eval_batches}")
   require(config.data.source == "tokens" or config.eval_batches > 0, "eval_batches",
           "synthetic tokens never end: give a number of eval batches")
+  require(0 <= config.caption_dropout < 1, "caption_dropout", f"must be in [0, 1), got {config.caption_dropout}")
   require(config.sample_every_steps >= 0, "sample_every_steps", f"must be >= 0 (0 = off), got "
           f"{config.sample_every_steps}")
   if config.sample_every_steps:
@@ -255,8 +256,17 @@ def gradients(config, mesh, steps, param_shardings, apply_fn, params, batch):
   return grads, jax.tree.map(jnp.mean, metrics)
 
 
+def caption_dropout_key(config, step):
+  """The key of update `step`'s caption dropout: the same on every host, apart from the init key."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed, impl=config.get("rng_impl") or None), 1),
+                            step)
+
+
 def train_step(config, mesh, steps, param_shardings, state, batch):
   """One AdamW update on the batch's loss over `steps` microbatches; returns (state, scalar metrics)."""
+  if config.caption_dropout:
+    batch = {**batch, "text_tokens": dalle.drop_captions(batch["text_tokens"], config.caption_dropout,
+                                                         caption_dropout_key(config, state.step), config.model)}
   grads, metrics = gradients(config, mesh, steps, param_shardings, state.apply_fn, state.params, batch)
   new_state = state.apply_gradients(grads=grads)
   scalars = {

@@ -142,6 +142,39 @@ def test_accumulation_gives_the_full_batch_gradient():
                                  err_msg=f"{dtype} {jax.tree_util.keystr(path)}")
 
 
+def test_caption_dropout_shows_some_rows_the_all_pad_caption():
+  config = tiny_config(data__global_batch=32, ema_decay=0.0, caption_dropout=0.5)
+  text = np.arange(1000 * TEXT_LENGTH, dtype=np.int32).reshape(1000, TEXT_LENGTH) % 7
+  dropped = np.asarray(dalle.drop_captions(text, 0.5, trainer.caption_dropout_key(config, 3), config.model))
+  pads = np.asarray(dalle.unconditional_text(config.model, 1))[0]
+  replaced = (dropped == pads).all(axis=1)
+  assert 400 < replaced.sum() < 600
+  np.testing.assert_array_equal(dropped[~replaced], text[~replaced])
+  # One key per update, the same on every call (every host draws the same rows).
+  again = dalle.drop_captions(text, 0.5, trainer.caption_dropout_key(config, 3), config.model)
+  other = dalle.drop_captions(text, 0.5, trainer.caption_dropout_key(config, 4), config.model)
+  np.testing.assert_array_equal(again, dropped)
+  assert (np.asarray(other) != dropped).any()
+
+  # The train step scores the batch with those rows dropped: its loss is eval_step's on that batch.
+  mesh, rules = sharding.create_mesh(config.mesh), config.logical_axis_rules
+  model = trainer.create_model(config)
+  abstract, shardings, init_fn, rng = trainer.abstract_state(config, model, mesh)
+  state = trainer.create_sharded_state(init_fn, abstract, shardings, mesh, rules, rng)
+  head = np.random.default_rng(0).normal(scale=0.3, size=state.params["head"]["kernel"].shape).astype(np.float32)
+  state.params["head"]["kernel"] = jax.device_put(head, state.params["head"]["kernel"].sharding)
+  local = next(trainer.create_dataset(config, "", train=True).as_numpy_iterator())
+  with sharding.mesh_and_rules(mesh, rules):
+    loss = lambda text: trainer.eval_step(config, model.apply, state.params, {**local, "text_tokens": text})  # noqa: E731
+    expected = loss(dalle.drop_captions(local["text_tokens"], 0.5, trainer.caption_dropout_key(config, 0),
+                                        config.model))
+    undropped = loss(local["text_tokens"])
+    # (The step donates the state: it runs last.)
+    _, metrics = trainer.jit_train_step(config, shardings, mesh)(state, trainer.global_batch(local, mesh, rules))
+  np.testing.assert_allclose(metrics["text_loss"], expected["text_loss"], rtol=1e-5)
+  assert abs(float(metrics["text_loss"]) - float(undropped["text_loss"])) > 1e-3
+
+
 def test_accumulation_steps_from_microbatch_per_shard():
   mesh = sharding.create_mesh(common.mesh_config(data=2, fsdp=4))
   assert trainer.accumulation_steps(tiny_config(data__global_batch=64, accumulation_steps=0,
@@ -221,6 +254,7 @@ def test_no_validation_split_means_no_eval(tmp_path):
     ("accumulation_dtype", "float16", r"config\.accumulation_dtype: expected 'float32' or 'bfloat16'"),
     ("eval_batches", 0, r"config\.eval_batches: synthetic tokens never end"),
     ("sample_every_steps", -1, r"config\.sample_every_steps: must be >= 0"),
+    ("caption_dropout", 1.0, r"config\.caption_dropout: must be in \[0, 1\)"),
 ])
 def test_bad_training_fields_are_named(field, value, match):
   with pytest.raises(ConfigError, match=match):
