@@ -370,8 +370,8 @@ class Generator:
     """−log p(codes | caption) under the transformer, summed over the grid: f32 [n] for n captions
     and codes int [n, grid_size²] (teacher-forced, one forward pass; rows padded to the mesh)."""
     text = self.tokenizer.tokenize(list(captions), "dalle", self.model.text_length)
-    rows = len(captions)
-    padded = -(-rows // batch_shards(self.mesh, self.rules)) * batch_shards(self.mesh, self.rules)
+    rows, shards = len(captions), batch_shards(self.mesh, self.rules)
+    padded = -(-rows // shards) * shards
     pad = lambda x: np.concatenate([x, np.repeat(x[-1:], padded - rows, axis=0)])  # noqa: E731
     with sharding.mesh_and_rules(self.mesh, self.rules):
       nll = _image_nll(self.model, self.mesh, self.rules)(
