@@ -113,3 +113,24 @@ def test_likelihood_preference_counts_strict_wins_per_attribute():
       "examples": 3, "colour": 1.0, "shape": 1.0, "size": 1.0}
   # A model blind to colour ties every colour word: a tie is not a preference.
   assert shapes_samples.likelihood_preference(captions, codes, scorer(read_colour=False))["colour"] == 0.0
+
+
+def test_oracle_best_picks_the_candidate_with_most_attributes_right():
+  from mmjax.train import shapes_samples
+  render = shapes_samples.shapes_render
+  size = 32
+
+  def image(colour, shape, object_size="large"):
+    return render.render([render.SceneObject(colour, shape, object_size, x=16, y=16)], size)
+
+  blank = render.render([], size)
+  captions = ["a large red circle", "a small blue star"]
+  candidates = np.stack([
+      # Nothing right, colour only, colour and shape (wrong size), everything.
+      [blank, image("red", "square", "small"), image("red", "circle", "small"), image("red", "circle")],
+      # Everything right comes first; a later all-right candidate does not displace it.
+      [image("blue", "star", "small"), blank, image("green", "star", "small"), image("blue", "star", "small")],
+  ])
+  np.testing.assert_array_equal(shapes_samples.oracle_best(candidates, captions), [3, 0])
+  # Without an all-right candidate, the one with the most right wins.
+  np.testing.assert_array_equal(shapes_samples.oracle_best(candidates[:1, :3], captions[:1]), [2])
