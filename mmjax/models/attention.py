@@ -7,7 +7,8 @@ tokens in row-major (raster) order, L = text_length + grid_size². Masks are boo
   text query  → text keys   causal (j ≤ i); text never sees image keys
   image query → text keys   all of them
   image query → image keys  by pattern, always causal in raster order (key index ≤ query index):
-    "row"     keys in the query's row: the row so far, including the query itself
+    "row"     the query itself and the grid_size keys before it: its row so far and, in the row
+              above, the keys from its own column rightwards
     "column"  keys in the query's column: the same column in this and every earlier row
     "conv"    keys in the kernel_size×kernel_size window centred on the query (|Δr|, |Δc| ≤ k//2)
               that precede it in raster order: the k//2 rows above (k columns, clipped at the
@@ -15,12 +16,15 @@ tokens in row-major (raster) order, L = text_length + grid_size². Masks are boo
 
 These follow the DALL·E paper (Ramesh et al. 2021, appendix B.1 and Fig. 11): every image token sees
 all text, text is causal, row and column attention alternate through the stack and the last layer
-uses convolutional attention, 11×11 at full size. Row and column are the axial reading (same raster
-row / same column, causal); the paper's small figure can also be read as a row mask that slides over
-the previous grid_size tokens across row boundaries (the Sparse Transformer's local head), which is
-not what this module does. The paper runs column layers on transposed image states (Fig. 11c); the
-splash kernel does the same (`transpose_image`), which changes the block layout, not which keys a
-query sees. Every query sees itself, so no row of a mask is empty and the softmax is always defined.
+uses convolutional attention, 11×11 at full size. Row and column are the two heads of the Sparse
+Transformer's strided pattern (Child et al. 2019, whose authors DALL·E shares) with the stride set to
+the row length: the previous grid_size positions and every grid_size-th one. In Fig. 11 the row mask of
+a 4×4 grid is a band of 5 (a token and the 4 before it, across row boundaries), which an axial
+"same row only" reading cannot give; with next-token prediction the band also lets a row layer see
+the code directly above the one being predicted. The paper runs column layers on transposed image
+states (Fig. 11c); the splash kernel does the same (`transpose_image`), which changes the block
+layout, not which keys a query sees. Every query sees itself, so no row of a mask is empty and the
+softmax is always defined.
 
 Layer schedule: layer i (1-based) of n uses "column" when (i − 2) mod 4 = 0, "row" otherwise, and the
 last layer uses "conv". A scanned stack carries the per-layer pattern id (`layer_pattern_ids`) and
@@ -29,10 +33,10 @@ the attention function selects the mask (dense) or the kernel (splash) from it.
 Kernels, behind one `make_attention_fn(kind, ...)` returning `fn(query, key, value, pattern_id)`:
   "dense"   XLA softmax attention with the selected [L, L] mask (CPU, GPU, TPU); compute is L².
   "axial"   XLA too, without the [L, L] product for row and column layers: each image query
-            scores all text keys and the grid_size keys of its row (column: of its column, on
-            transposed image tokens), text queries the text; conv layers run "dense". Compute per
-            row/column layer is (text_length + grid_size) per image query instead of L
-            (dalle_shapes' CPU train step: 1.6× with unrolled layers, bench/dalle_step.py).
+            scores all text keys and the 2·grid_size keys of its row and the row above (column:
+            the grid_size keys of its column, on transposed image tokens), text queries the text;
+            conv layers run "dense". Compute per row/column layer is at most text_length +
+            2·grid_size per image query instead of L (bench/dalle_step.py times it).
   "splash"  TPU splash attention (Pallas): each pattern is a block-sparse mask, so blocks of the
             [L, L] grid that are all False are never computed. `block_counts` says how many are:
             at full size (1280 tokens, blocks of 128) row and column 27 of 100, conv 40, causal 55.
@@ -88,7 +92,7 @@ def image_mask(pattern, grid_size, kernel_size=11):
   row, col = index // grid_size, index % grid_size
   causal = index[None, :] <= index[:, None]
   if pattern == "row":
-    allowed = row[:, None] == row[None, :]
+    allowed = index[:, None] - index[None, :] <= grid_size
   elif pattern == "column":
     allowed = col[:, None] == col[None, :]
   else:
@@ -171,20 +175,40 @@ def _dense_attention_fn(text_length, grid_size, kernel_size):
   return attend
 
 
-def _row_attention(query, key, value, text_length, grid_size):
-  """The "row" pattern, computed over each query's own keys: text causal over text, and each image
-  query over all text plus its row up to itself, one softmax over both (shapes as `attend`)."""
+@functools.lru_cache(maxsize=16)
+def _grid_row_masks(grid_size, band):
+  """bool [g rows, g query columns, K keys]: the keys each image query sees among its own row (K = g)
+  or, with `band`, the row above followed by its own row (K = 2g; `image_mask`'s "row")."""
+  g = grid_size
+  own = np.tril(np.ones((g, g), np.bool_))                       # key column ≤ query column
+  if not band:
+    return np.broadcast_to(own, (g, g, g))
+  above = np.triu(np.ones((g, g), np.bool_))                     # key column ≥ query column
+  rows = np.arange(g)[:, None, None] > 0                          # row 0 has no row above
+  return np.concatenate([above[None] & rows, np.broadcast_to(own, (g, g, g))], axis=-1)
+
+
+def _row_attention(query, key, value, text_length, grid_size, band):
+  """Row-wise attention computed over each query's own keys: text causal over text, and each image
+  query over all text plus the keys `_grid_row_masks` gives it in its own row (and, with `band`, the
+  row above), one softmax over both (shapes as `attend`)."""
   batch, _, heads, depth = query.shape
   t, g = text_length, grid_size
   grid = lambda x: x[:, t:].reshape(batch, g, g, heads, depth)  # noqa: E731  [B, row, col, H, D]
+  if band:  # each row's keys: the row above (zeros above row 0, masked) then the row itself
+    rows = lambda x: jnp.concatenate([jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1], x],  # noqa: E731
+                                     axis=2)
+  else:
+    rows = lambda x: x  # noqa: E731
   image_query = grid(query * jnp.asarray(depth ** -0.5, query.dtype))
-  row_logits = jnp.einsum("brchd,brkhd->brhck", image_query, grid(key)).astype(jnp.float32)
-  logits = jnp.where(np.tril(np.ones((g, g), np.bool_)), row_logits, jnp.finfo(jnp.float32).min)
+  row_logits = jnp.einsum("brchd,brkhd->brhck", image_query, rows(grid(key))).astype(jnp.float32)
+  mask = _grid_row_masks(g, band)[:, None]                        # [row, 1 (heads), col, K]
+  logits = jnp.where(mask, row_logits, jnp.finfo(jnp.float32).min)
   if t:
     text_logits = jnp.einsum("brchd,bthd->brhct", image_query, key[:, :t]).astype(jnp.float32)
     logits = jnp.concatenate([text_logits, logits], axis=-1)
   weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  image = jnp.einsum("brhck,brkhd->brchd", weights[..., t:], grid(value))
+  image = jnp.einsum("brhck,brkhd->brchd", weights[..., t:], rows(grid(value)))
   if not t:
     return image.reshape(batch, g * g, heads, depth)
   image = image + jnp.einsum("brhct,bthd->brchd", weights[..., :t], value[:, :t])
@@ -195,10 +219,12 @@ def _row_attention(query, key, value, text_length, grid_size):
 
 def _axial_attention_fn(text_length, grid_size, kernel_size):
   dense = _dense_attention_fn(text_length, grid_size, kernel_size)
-  row = functools.partial(_row_attention, text_length=text_length, grid_size=grid_size)
+  row = functools.partial(_row_attention, text_length=text_length, grid_size=grid_size, band=True)
+  # Column attention is attention within a row once the image is transposed (`transpose_image`).
+  axial = functools.partial(_row_attention, text_length=text_length, grid_size=grid_size, band=False)
   transpose = functools.partial(transpose_image, text_length=text_length, grid_size=grid_size)
-  branches = (row,                                                                      # row
-              lambda q, k, v: transpose(row(transpose(q), transpose(k), transpose(v))),  # column
+  branches = (row,                                                                        # row
+              lambda q, k, v: transpose(axial(transpose(q), transpose(k), transpose(v))),  # column
               lambda q, k, v: dense(q, k, v, PATTERNS.index("conv")))                  # conv
 
   def attend(query, key, value, pattern_id):
@@ -213,10 +239,10 @@ def _axial_attention_fn(text_length, grid_size, kernel_size):
 def transpose_image(x, text_length, grid_size):
   """[B, L, ...] with the image tokens moved from row-major to column-major order (its own inverse).
 
-  Column attention in raster order is row attention in column-major order: (r', c) precedes (r, c)
-  in raster order exactly when r' ≤ r, i.e. when it precedes it in column-major order. The paper
-  (Fig. 11c) runs column layers on transposed image states for this reason; here it turns the
-  column mask's causal-triangle of blocks into the row mask's narrow band.
+  Column attention in raster order is attention within a row, causal, in column-major order:
+  (r', c) precedes (r, c) in raster order exactly when r' ≤ r, i.e. when it precedes it in
+  column-major order. The paper (Fig. 11c) runs column layers on transposed image states for this
+  reason; here it turns the column mask's causal triangle of blocks into a narrow band.
   """
   text, image = x[:, :text_length], x[:, text_length:]
   grid = image.reshape(x.shape[0], grid_size, grid_size, *x.shape[2:]).swapaxes(1, 2)
@@ -231,12 +257,17 @@ def padded_length(length, block_size):
   return -(-length // block_size) * block_size
 
 
-def padded_mask(pattern, text_length, grid_size, kernel_size, block_size):
-  """`dalle_mask` padded to a multiple of `block_size`. Padded queries see only themselves, so every
-  row is non-empty (no NaNs, forward or backward) and real queries never see padded keys: the real
-  outputs are exact."""
+def padded_mask(pattern, text_length, grid_size, kernel_size, block_size, transposed=False):
+  """`dalle_mask` padded to a multiple of `block_size`; `transposed`: over image tokens in
+  column-major order (`transpose_image`). Padded queries see only themselves, so every row is
+  non-empty (no NaNs, forward or backward) and real queries never see padded keys: the real outputs
+  are exact."""
   mask = dalle_mask(pattern, text_length, grid_size, kernel_size)
   length = mask.shape[0]
+  if transposed:  # numpy, not transpose_image: this runs inside traces
+    image = np.arange(grid_size * grid_size).reshape(grid_size, grid_size).T.ravel() + text_length
+    order = np.concatenate([np.arange(text_length), image])
+    mask = mask[np.ix_(order, order)]
   padded = padded_length(length, block_size)
   out = np.zeros((padded, padded), np.bool_)
   out[:length, :length] = mask
@@ -245,11 +276,10 @@ def padded_mask(pattern, text_length, grid_size, kernel_size, block_size):
 
 
 def splash_masks(text_length, grid_size, kernel_size, block_size):
-  """pattern → the padded bool mask its splash kernel runs. "column" runs the row mask on
-  transposed image tokens (`transpose_image`)."""
-  row = padded_mask("row", text_length, grid_size, kernel_size, block_size)
-  conv = padded_mask("conv", text_length, grid_size, kernel_size, block_size)
-  return {"row": row, "column": row, "conv": conv}
+  """pattern → the padded bool mask its splash kernel runs; "column" runs on transposed image tokens
+  (`transpose_image`), where its mask is a band."""
+  return {pattern: padded_mask(pattern, text_length, grid_size, kernel_size, block_size,
+                               transposed=pattern == "column") for pattern in PATTERNS}
 
 
 def _computed_blocks(mask, block_size):
@@ -284,7 +314,7 @@ def _block_sizes(block_size):
 
 
 def make_splash_kernels(text_length, grid_size, kernel_size, block_size, heads, interpret=False):
-  """{"row", "conv"} → splash MHA kernels over [heads, L_padded, D] (column reuses "row").
+  """pattern → splash MHA kernel over [heads, L_padded, D] ("column" expects transposed image tokens).
 
   Built afresh in each trace (the kernel holds its block metadata as arrays, which must belong to the
   trace); the numpy work behind them is cached here and in splash (keyed by mask contents)."""
@@ -313,7 +343,7 @@ class _HashOnceMask(splash.NumpyMask):
 @functools.lru_cache(maxsize=8)
 def _splash_numpy_masks(text_length, grid_size, kernel_size, block_size):
   masks = splash_masks(text_length, grid_size, kernel_size, block_size)
-  return tuple((name, _HashOnceMask(masks[name])) for name in ("row", "conv"))
+  return tuple((name, _HashOnceMask(masks[name])) for name in PATTERNS)
 
 
 def _splash_attention_fn(text_length, grid_size, kernel_size, *, mesh, rules, block_size,
@@ -335,8 +365,7 @@ def _splash_attention_fn(text_length, grid_size, kernel_size, *, mesh, rules, bl
   def local_attention(query, key, value, pattern_id):
     heads, depth = query.shape[2:]
     by_name = make_splash_kernels(text_length, grid_size, kernel_size, block_size, heads, interpret)
-    branches = [branch(by_name["row"], False), branch(by_name["row"], True),
-                branch(by_name["conv"], False)]  # PATTERNS order
+    branches = [branch(by_name[name], name == "column") for name in PATTERNS]
     query = query * jnp.asarray(depth ** -0.5, query.dtype)  # splash leaves the scaling to us
     return jax.lax.switch(pattern_id, branches, query, key, value).astype(query.dtype)
 

@@ -30,8 +30,8 @@ def reference_mask(pattern, text_length, grid_size, kernel_size):
         mask[i, j] = True
       elif j <= i:
         (qr, qc), (kr, kc) = divmod(i - text_length, grid_size), divmod(j - text_length, grid_size)
-        if pattern == "row":
-          mask[i, j] = qr == kr
+        if pattern == "row":  # itself and the grid_size keys before it in raster order
+          mask[i, j] = (qr * grid_size + qc) - (kr * grid_size + kc) <= grid_size
         elif pattern == "column":
           mask[i, j] = qc == kc
         else:
@@ -56,7 +56,8 @@ def test_full_size_mask_counts():
   t, g = 256, 32
   masks = dict(zip(attention.PATTERNS, attention.mask_stack(t, g, 11)))
   query = t + 10 * g + 10  # image token (row 10, column 10)
-  assert masks["row"][query].sum() == t + 11           # columns 0..10 of row 10
+  assert masks["row"][query].sum() == t + 33           # itself and the 32 tokens before it
+  assert masks["row"][query, query - g] and not masks["row"][query, query - g - 1]  # from the one above
   assert masks["column"][query].sum() == t + 11        # rows 0..10 of column 10
   assert masks["conv"][query].sum() == t + 5 * 11 + 6  # 5 rows above × 11, 5 to the left, itself
   corner = t + g * g - 1                               # the last token sees a clipped window
@@ -77,12 +78,17 @@ def test_layer_schedule():
     attention.layer_patterns(0)
 
 
-def test_column_is_row_on_transposed_image_tokens():
+def test_column_is_causal_attention_within_rows_on_transposed_image_tokens():
   t, g = 3, 5
   order = np.asarray(attention.transpose_image(np.arange(t + g * g)[None], t, g))[0]
   assert list(order[:t]) == [0, 1, 2] and list(order[t:t + 3]) == [t, t + g, t + 2 * g]
-  column, row = attention.dalle_mask("column", t, g), attention.dalle_mask("row", t, g)
-  np.testing.assert_array_equal(column[np.ix_(order, order)], row)
+  column = attention.dalle_mask("column", t, g)
+  within_rows = column.copy()
+  image = np.arange(g * g)
+  within_rows[t:, t:] = (image[:, None] // g == image[None, :] // g) & (image[None, :] <= image[:, None])
+  np.testing.assert_array_equal(column[np.ix_(order, order)], within_rows)
+  padded = attention.padded_mask("column", t, g, 3, 128, transposed=True)
+  np.testing.assert_array_equal(padded[:t + g * g, :t + g * g], within_rows)
 
 
 def random_qkv(shape, dtype=jnp.float32, seed=0):
@@ -237,17 +243,18 @@ def test_splash_errors():
 def test_block_counts():
   # Full size: 1280 tokens = 10×10 blocks of 128; text = 2 blocks, each image block = 4 image rows.
   assert attention.block_counts(256, 32, 11, 128) == {
-      "row": (27, 100), "column": (27, 100), "conv": (40, 100), "causal": (55, 100),
+      "row": (34, 100), "column": (27, 100), "conv": (40, 100), "causal": (55, 100),
       "column_raster": (55, 100)}
   # The counts are the blocks splash's own metadata marks as non-empty (the rest are skipped).
   t, g, k = 16, 16, 5
   counts = attention.block_counts(t, g, k, 128)
   kernels = attention.make_splash_kernels(t, g, k, 128, heads=2)
-  for name in ("row", "conv"):
+  for name in attention.PATTERNS:
     block_mask = np.asarray(kernels[name].fwd_mask_info.block_mask)
     assert block_mask.shape[:2] == (1, 3)  # one copy for all heads; 3 query blocks
     assert (block_mask > 0).sum() == counts[name][0]
-  assert counts["row"] == (5, 9) and counts["conv"] == (6, 9) and counts["causal"] == (6, 9)
+  assert counts["row"] == (6, 9) and counts["column"] == (5, 9) and counts["conv"] == (6, 9)
+  assert counts["causal"] == (6, 9)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
