@@ -49,7 +49,7 @@ def samples_config(data):
   config.top_k = 0
   config.top_p = 1.0
   config.seed = 0
-  config.batch_size = 64          # candidates per sampling call
+  config.batch_size = 200         # candidates per sampling call: 1600 take 70 s, against 85 s in calls of 64
   config.data_dir = ""            # filled in: <workdir>/tfds
   config.dalle = ""               # filled in: the exports of the earlier stages
   config.dvae = ""
@@ -71,6 +71,7 @@ def get_config():
     stage.data.num_examples = NUM_TRAIN_EXAMPLES
   for name, steps in DEMO_STEPS.items():
     shorten(stages[name], steps)
+  stages.dvae.eval_batches = 16   # 512 validation images: the oracle on all 2,000 takes ~20 s
   stages.samples = samples_config(stages.encode.data.copy_and_resolve_references())
   config.stages = stages
   return config
