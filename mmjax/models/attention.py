@@ -39,7 +39,7 @@ Kernels, behind one `make_attention_fn(kind, ...)` returning `fn(query, key, val
             2·grid_size per image query instead of L (bench/dalle_step.py times it).
   "splash"  TPU splash attention (Pallas): each pattern is a block-sparse mask, so blocks of the
             [L, L] grid that are all False are never computed. `block_counts` says how many are:
-            at full size (1280 tokens, blocks of 128) row and column 27 of 100, conv 40, causal 55.
+            at full size (1280 tokens, blocks of 128) row 34 of 100, column 27, conv 40, causal 55.
 """
 
 import functools
@@ -185,7 +185,9 @@ def _grid_row_masks(grid_size, band):
     return np.broadcast_to(own, (g, g, g))
   above = np.triu(np.ones((g, g), np.bool_))                     # key column ≥ query column
   rows = np.arange(g)[:, None, None] > 0                          # row 0 has no row above
-  return np.concatenate([above[None] & rows, np.broadcast_to(own, (g, g, g))], axis=-1)
+  masks = np.concatenate([above[None] & rows, np.broadcast_to(own, (g, g, g))], axis=-1)
+  masks.flags.writeable = False  # shared between callers
+  return masks
 
 
 def _row_attention(query, key, value, text_length, grid_size, band):
