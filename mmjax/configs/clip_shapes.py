@@ -19,7 +19,7 @@ from mmjax.input_pipeline import shapes_render
 # (image_size, patch_size, text_length, train steps, global batch, random_shift, peak learning rate)
 # per dataset.
 SETTINGS = {
-    "shapes": (32, 4, 24, 4000, 128, 0, 2e-3),   # 4 px patches: with 8 px ones shapes are told apart worse
+    "shapes": (32, 4, 24, 2800, 128, 0, 3e-3),   # 4 px patches: with 8 px ones shapes are told apart worse
     "digits": (8, 2, 16, 800, 128, 0, 1e-3),
     "mnist": (28, 7, 16, 1600, 128, 3, 1e-3),    # shifts of up to 3 px: without them it overfits (87%)
 }
@@ -52,7 +52,10 @@ def get_config(arg="shapes"):
   config.tokenizer = common.tokenizer_config(vocab_size=vocab_size)
   config.tokenizer.kind = "sentencepiece"
   config.tokenizer.corpus = "dataset"       # the train split's captions
-  config.optimizer.update(warmup_steps=steps // 20, weight_decay=0.1)
+  # The cosine is laid out over twice the run, which stops halfway at half the peak rate: decaying
+  # to 0 lets the towers tie shape to colour again (shapes' held-out pairs: 88.1% after 4,000 steps
+  # at 2e-3 decayed to 0; 96.2% after 2,800 at 3e-3 stopped halfway; README).
+  config.optimizer.update(warmup_steps=steps // 20, decay_steps=2 * steps, weight_decay=0.1)
   config.ema_decay = 0.99
   config.eval_data_path = ""
   config.eval_examples = 0                  # the whole validation split

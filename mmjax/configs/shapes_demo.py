@@ -27,9 +27,10 @@ DEMO_STEPS = {"dvae": 800, "dalle": 600, "clip": 1200}
 
 
 def shorten(stage, steps):
-  """Runs `stage` (a trainer config) for `steps` updates: schedule, evals and checkpoints follow."""
+  """Runs `stage` (a trainer config) for `steps` updates: schedule, evals and checkpoints follow
+  (the cosine keeps its length relative to the run: CLIP's stops halfway, the others run out)."""
+  stage.optimizer.decay_steps = steps * stage.optimizer.decay_steps // stage.num_train_steps
   stage.num_train_steps = steps
-  stage.optimizer.decay_steps = steps
   stage.optimizer.warmup_steps = min(stage.optimizer.warmup_steps, steps // 20)
   stage.eval_every_steps = steps
   stage.checkpoint_every_steps = min(stage.checkpoint_every_steps, steps)

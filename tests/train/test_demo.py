@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from mmjax.configs import shapes_demo
+from mmjax.configs import clip_shapes, dalle_shapes, dvae_shapes, shapes_demo
 from mmjax.errors import ConfigError
 from mmjax.train import demo
 
@@ -31,9 +31,13 @@ def test_stages_are_wired_to_each_others_outputs(tmp_path):
 
 def test_demo_stages_run_shortened_schedules_that_validate(tmp_path):
   config = shapes_demo.get_config()
+  full_length = {"dvae": dvae_shapes.get_config("shapes"), "dalle": dalle_shapes.get_config("shapes"),
+                 "clip": clip_shapes.get_config("shapes")}
   for name, steps in shapes_demo.DEMO_STEPS.items():
-    stage = config.stages[name]
-    assert stage.num_train_steps == stage.optimizer.decay_steps == stage.eval_every_steps == steps
+    stage, full = config.stages[name], full_length[name]
+    assert stage.num_train_steps == stage.eval_every_steps == steps
+    # The cosine keeps its length relative to the run (CLIP's is twice the run).
+    assert stage.optimizer.decay_steps * full.num_train_steps == steps * full.optimizer.decay_steps
     assert 0 < stage.optimizer.warmup_steps < steps
   demo.check_stages(demo.wire_stages(config, str(tmp_path)))
   with config.unlocked():
