@@ -1,4 +1,4 @@
-"""The whole pipeline on the embedded shapes set: what `make demo` runs (≈14 minutes on a 2-core CPU).
+"""The whole pipeline on the embedded shapes set: what `make demo` runs (12–14 minutes on a 2-core CPU).
 
   python -m mmjax.main --config=mmjax/configs/shapes_demo.py --workdir=demo_workdir
 
@@ -21,7 +21,8 @@ NUM_TRAIN_EXAMPLES = 10_000
 # 2-core CPU. Clean-clone runs of session 8: 1,018 s with 1,000 / 800 / 1,200 updates (dvae 299 s,
 # encode 27, dalle 385, clip 231, samples 73); 731 s with 800 / 600 / 1,000 (238, 25, 223, 172, 69),
 # where CLIP reached only 13% held-out zero-shot (39% at 1,200), hence CLIP's 1,200 here. Session
-# 10, with the banded row mask's slower DALL·E step: 839 s (237, 28, 247, 228, 94). The README lists
+# 10, with the banded row mask's slower DALL·E step: 839 s (237, 28, 247, 228, 94); session 11, on a
+# quieter machine: 717 s (223, 27, 215, 175, 73). The README lists
 # the stage times and what each stage reaches at these budgets.
 DEMO_STEPS = {"dvae": 800, "dalle": 600, "clip": 1200}
 
