@@ -13,8 +13,9 @@ The PyTorch model is clip-anytorch's `clip/model.py` (OpenAI's code, loaded by p
 needs torchvision); its random weights are converted with mmjax.tools.convert_openai_clip, so both
 run the same weights on the same batch. Each contender is warmed up once (JAX compiles there), the
 first outputs are compared (embeddings; the first train step's loss), then the repeats alternate
-JAX and PyTorch so both see the same background load; rates come from the best repeat (median
-alongside). PyTorch runs at its default thread count and, alternating with it, on one thread: on a
+JAX and PyTorch so both see the same background load; each repeat calls one contender back to back
+for at least --repeat_seconds (1 s: a single tiny train step, ~0.1 s, mostly timed thread pools
+waking up); rates come from the best repeat (median alongside). PyTorch runs at its default thread count and, alternating with it, on one thread: on a
 machine shared with other processes its OpenMP workers spin-wait for each other and two threads
 were measured 30× slower than one (tiny image encoder, load average 6 on 2 cores), which would
 flatter JAX. The ratio is against the faster of the two; both are in the table and JSON.
@@ -97,6 +98,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats per call (after one
 _SCAN_LAYERS = flags.DEFINE_enum("scan_layers", "config", ["config", "true", "false"],
                                  "JAX layers in an nn.scan: as the case's config (tiny: unrolled as "
                                  "clip_shapes.py, small: scanned as clip_vit_b32.py), or forced.")
+_REPEAT_SECONDS = flags.DEFINE_float("repeat_seconds", 1.0,
+                                     "Each timed repeat calls each contender back to back for at least "
+                                     "this long (the count is set from JAX's warmed-up call).")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
 
 
@@ -234,10 +238,13 @@ def bench_case(name, sizes, vision_heads, batch, case_scan_layers, calls, repeat
     contenders = {"jax": jax_fn, "torch": with_torch_threads(DEFAULT_TORCH_THREADS, torch_fn),
                   "torch_1_thread": with_torch_threads(1, torch_fn)}
     contenders["torch_1_thread"]()  # its warm-up (the default-threads one was the check's call)
-    times = timing.alternating(contenders, repeats)
-    row = {**described, "call": call, "unit": UNITS[call], **check}
+    calls_per_repeat = timing.calls_per_repeat(jax_fn, _REPEAT_SECONDS.value)
+    times = timing.alternating({name: timing.back_to_back(fn, calls_per_repeat) for name, fn in contenders.items()},
+                               repeats)
+    row = {**described, "call": call, "unit": UNITS[call], "calls_per_repeat": calls_per_repeat, **check}
     for contender, contender_times in times.items():
-      row[f"{contender}_per_s"], row[f"{contender}_median_per_s"] = timing.rates(batch, contender_times)
+      row[f"{contender}_per_s"], row[f"{contender}_median_per_s"] = timing.rates(batch * calls_per_repeat,
+                                                                               contender_times)
     for contender, contender_times in times.items():
       row[f"{contender}_times_s"] = contender_times
     row["torch_best_per_s"] = max(row["torch_per_s"], row["torch_1_thread_per_s"])
@@ -306,8 +313,8 @@ def main(argv):
   for name in cases:
     rows.extend(bench_case(name, *CASES[name], calls=calls, repeats=_REPEATS.value))
   timing.finish("clip.py", table(rows),
-                f"f32; rates from the best of {_REPEATS.value} repeats (median in brackets), JAX and PyTorch "
-                f"alternating; train step = forward, backward, AdamW, EMA (pairs/s); ratio against the faster "
+                f"f32; rates from the best of {_REPEATS.value} repeats (median in brackets) of at least "
+                f"{_REPEAT_SECONDS.value:g} s of back-to-back calls, JAX and PyTorch alternating; train step = forward, backward, AdamW, EMA (pairs/s); ratio against the faster "
                 f"PyTorch setting.", load_before, _OUTPUT.value, rows,
                 torch_threads=DEFAULT_TORCH_THREADS, torch=torch.__version__,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), malloc_keeps_freed_memory=HOST_MEMORY_KEPT)

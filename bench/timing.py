@@ -7,6 +7,7 @@ in turn (A, B, A, B, …) so both see the same background load.
 """
 
 import json
+import math
 import os
 import pathlib
 import platform
@@ -46,6 +47,21 @@ def alternating(fns, repeats):
     for name, fn in fns.items():
       times[name].append(timed(fn))
   return times
+
+
+def calls_per_repeat(fn, seconds):
+  """How many back-to-back calls of `fn` (warmed up) fill a timed repeat of at least `seconds`: a
+  single short call mostly times thread pools waking up and what the previous contender left running."""
+  return max(1, math.ceil(seconds / timed(fn)))
+
+
+def back_to_back(fn, calls):
+  """`fn` called `calls` times in a row, as one callable (one timed repeat)."""
+  def run():
+    for _ in range(calls):
+      out = fn()
+    return out
+  return run
 
 
 def rates(count, times):

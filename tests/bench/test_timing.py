@@ -82,3 +82,16 @@ def test_finish_prints_table_summary_load_and_command_then_writes(tmp_path, caps
   written = json.loads(path.read_text())
   assert written["command"] == ".venv/bin/python bench/x.py --cases=tiny" and written["rows"] == [{"case": "tiny"}]
   assert written["environment"]["torch_threads"] == 1
+
+def test_a_repeat_calls_a_short_step_back_to_back_until_it_fills_the_time(monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+  def step(seconds=0.3):
+    clock[0] += seconds
+    return clock[0]
+
+  assert timing.calls_per_repeat(step, 1.0) == 4       # ceil(1.0 / 0.3)
+  assert timing.calls_per_repeat(lambda: step(2.5), 1.0) == 1
+  assert timing.back_to_back(step, 4)() == pytest.approx(clock[0])   # the last call's output
+  assert timing.timed(timing.back_to_back(step, 4)) == pytest.approx(1.2)
