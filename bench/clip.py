@@ -100,7 +100,7 @@ _SCAN_LAYERS = flags.DEFINE_enum("scan_layers", "config", ["config", "true", "fa
                                  "clip_shapes.py, small: scanned as clip_vit_b32.py), or forced.")
 _REPEAT_SECONDS = flags.DEFINE_float("repeat_seconds", 1.0,
                                      "Each timed repeat calls each contender back to back for at least "
-                                     "this long (the count is set from JAX's warmed-up call).")
+                                     "this long (the count is set from JAX's warmed-up call; bench/timing.py).")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
 
 
@@ -238,13 +238,10 @@ def bench_case(name, sizes, vision_heads, batch, case_scan_layers, calls, repeat
     contenders = {"jax": jax_fn, "torch": with_torch_threads(DEFAULT_TORCH_THREADS, torch_fn),
                   "torch_1_thread": with_torch_threads(1, torch_fn)}
     contenders["torch_1_thread"]()  # its warm-up (the default-threads one was the check's call)
-    calls_per_repeat = timing.calls_per_repeat(jax_fn, _REPEAT_SECONDS.value)
-    times = timing.alternating({name: timing.back_to_back(fn, calls_per_repeat) for name, fn in contenders.items()},
-                               repeats)
-    row = {**described, "call": call, "unit": UNITS[call], "calls_per_repeat": calls_per_repeat, **check}
+    times = timing.alternating(contenders, repeats, _REPEAT_SECONDS.value)
+    row = {**described, "call": call, "unit": UNITS[call], **check}
     for contender, contender_times in times.items():
-      row[f"{contender}_per_s"], row[f"{contender}_median_per_s"] = timing.rates(batch * calls_per_repeat,
-                                                                               contender_times)
+      row[f"{contender}_per_s"], row[f"{contender}_median_per_s"] = timing.rates(batch, contender_times)
     for contender, contender_times in times.items():
       row[f"{contender}_times_s"] = contender_times
     row["torch_best_per_s"] = max(row["torch_per_s"], row["torch_1_thread_per_s"])

@@ -5,9 +5,10 @@ r"""dVAE encode/decode throughput on this CPU: mmjax (JAX, jit, f32) vs OpenAI's
 
 Both frameworks run in this process on the same random weights (dall_e's, converted with
 mmjax.tools.convert_openai_dvae) and the same inputs; outputs are checked to agree first. Each
-call is warmed up once (JAX compiles there), then the repeats alternate JAX and PyTorch so both
-see the same background load; images/s comes from the best repeat (noise from other processes
-only ever adds time) and the median is reported next to it. PyTorch keeps its default thread
+call is warmed up once (JAX compiles there), then the repeats (each at least --repeat_seconds of
+back-to-back calls) alternate JAX and PyTorch so both see the same background load; images/s
+comes from the best repeat (noise from other processes only ever adds time) and the median is
+reported next to it. PyTorch keeps its default thread
 count. Prints a markdown table and writes bench/results/dvae.json (timing: bench/timing.py).
 """
 
@@ -44,6 +45,8 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "dvae.json"
 
 _CASES = flags.DEFINE_list("cases", list(CASES), f"Which of {list(CASES)} to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats per call (after one warm-up).")
+_REPEAT_SECONDS = flags.DEFINE_float("repeat_seconds", 1.0, "Each timed repeat calls each contender back to back "
+                                     "for at least this long (bench/timing.py).")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
 
 
@@ -90,7 +93,7 @@ def bench_case(name, n_hid, vocab_size, image_size, batch, repeats):
     for call, (jax_fn, torch_fn) in calls.items():
       jax_out, torch_out = np.asarray(jax_fn()), torch_fn().numpy().transpose(0, 2, 3, 1)  # warm-up
       rel_error = float(np.abs(jax_out - torch_out).max() / np.abs(torch_out).max())
-      times = timing.alternating({"jax": jax_fn, "torch": torch_fn}, repeats)
+      times = timing.alternating({"jax": jax_fn, "torch": torch_fn}, repeats, _REPEAT_SECONDS.value)
       jax_times, torch_times = times["jax"], times["torch"]
       jax_best, jax_median = timing.rates(batch, jax_times)
       torch_best, torch_median = timing.rates(batch, torch_times)

@@ -38,30 +38,21 @@ def repeat(fn, repeats, warmup=True):
   return out, times
 
 
-def alternating(fns, repeats):
-  """{name: [seconds]} for `fns` ({name: callable}, already warmed up), timed in turn each round."""
+def alternating(fns, repeats, repeat_seconds=0.0):
+  """{name: [seconds per call]} for `fns` ({name: callable}, already warmed up), timed in turn each round.
+
+  Each repeat calls one contender back to back, as many times as fill `repeat_seconds` for the first
+  contender (at least once): a single short call mostly times thread pools waking up and whatever
+  the previous contender left running. Every contender gets the same count.
+  """
   if repeats < 1:
     raise ValueError(f"alternating: repeats={repeats}, expected at least 1")
+  calls = max(1, math.ceil(repeat_seconds / timed(next(iter(fns.values()))))) if repeat_seconds > 0 else 1
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      times[name].append(timed(fn))
+      times[name].append(timed(lambda fn=fn: [fn() for _ in range(calls)]) / calls)
   return times
-
-
-def calls_per_repeat(fn, seconds):
-  """How many back-to-back calls of `fn` (warmed up) fill a timed repeat of at least `seconds`: a
-  single short call mostly times thread pools waking up and what the previous contender left running."""
-  return max(1, math.ceil(seconds / timed(fn)))
-
-
-def back_to_back(fn, calls):
-  """`fn` called `calls` times in a row, as one callable (one timed repeat)."""
-  def run():
-    for _ in range(calls):
-      out = fn()
-    return out
-  return run
 
 
 def rates(count, times):

@@ -83,15 +83,20 @@ def test_finish_prints_table_summary_load_and_command_then_writes(tmp_path, caps
   assert written["command"] == ".venv/bin/python bench/x.py --cases=tiny" and written["rows"] == [{"case": "tiny"}]
   assert written["environment"]["torch_threads"] == 1
 
-def test_a_repeat_calls_a_short_step_back_to_back_until_it_fills_the_time(monkeypatch):
-  clock = [0.0]
+def test_short_calls_are_repeated_back_to_back_to_fill_each_repeat(monkeypatch):
+  clock, calls = [0.0], []
   monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
 
-  def step(seconds=0.3):
-    clock[0] += seconds
-    return clock[0]
+  def contender(name, seconds):
+    def call():
+      calls.append(name)
+      clock[0] += seconds
+    return call
 
-  assert timing.calls_per_repeat(step, 1.0) == 4       # ceil(1.0 / 0.3)
-  assert timing.calls_per_repeat(lambda: step(2.5), 1.0) == 1
-  assert timing.back_to_back(step, 4)() == pytest.approx(clock[0])   # the last call's output
-  assert timing.timed(timing.back_to_back(step, 4)) == pytest.approx(1.2)
+  times = timing.alternating({"a": contender("a", 0.3), "b": contender("b", 0.1)}, repeats=2, repeat_seconds=1.0)
+  # One untimed call of the first contender sets the count, ceil(1.0 / 0.3) = 4, for both.
+  assert calls == ["a"] + (["a"] * 4 + ["b"] * 4) * 2
+  assert times["a"] == pytest.approx([0.3, 0.3]) and times["b"] == pytest.approx([0.1, 0.1])  # per call
+  calls.clear()
+  timing.alternating({"a": contender("a", 2.5)}, repeats=1, repeat_seconds=1.0)
+  assert calls == ["a", "a"]    # a call longer than the repeat runs once per repeat
