@@ -15,10 +15,10 @@ run the same weights on the same batch. Each contender is warmed up once (JAX co
 first outputs are compared (embeddings; the first train step's loss), then the repeats alternate
 JAX and PyTorch so both see the same background load; each repeat calls one contender back to back
 for at least --repeat_seconds (1 s: a single tiny train step, ~0.1 s, mostly timed thread pools
-waking up); rates come from the best repeat (median alongside). PyTorch runs at its default thread count and, alternating with it, on one thread: on a
-machine shared with other processes its OpenMP workers spin-wait for each other and two threads
-were measured 30× slower than one (tiny image encoder, load average 6 on 2 cores), which would
-flatter JAX. The ratio is against the faster of the two; both are in the table and JSON.
+waking up); rates come from the best repeat (median alongside). PyTorch runs at its default
+thread count and, alternating with it, on one thread: on a machine shared with other processes
+its OpenMP workers spin-wait for each other and two threads were measured 30× slower than one
+(tiny image encoder, load average 6 on 2 cores), which would flatter JAX. The ratio is against the faster of the two; both are in the table and JSON.
 
 Train step, JAX: the real one, `mmjax.train.clip.train_step` (jitted, state donated) on a one-device
 mesh with the clip_vit_b32 recipe: both towers, the contrastive loss (the shard_map'd one, over one
@@ -311,8 +311,8 @@ def main(argv):
     rows.extend(bench_case(name, *CASES[name], calls=calls, repeats=_REPEATS.value))
   timing.finish("clip.py", table(rows),
                 f"f32; rates from the best of {_REPEATS.value} repeats (median in brackets) of at least "
-                f"{_REPEAT_SECONDS.value:g} s of back-to-back calls, JAX and PyTorch alternating; train step = forward, backward, AdamW, EMA (pairs/s); ratio against the faster "
-                f"PyTorch setting.", load_before, _OUTPUT.value, rows,
+                f"{_REPEAT_SECONDS.value:g} s of back-to-back calls, JAX and PyTorch alternating; train step = "
+                f"forward, backward, AdamW, EMA (pairs/s); ratio against the faster PyTorch setting.", load_before, _OUTPUT.value, rows,
                 torch_threads=DEFAULT_TORCH_THREADS, torch=torch.__version__,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), malloc_keeps_freed_memory=HOST_MEMORY_KEPT)
 

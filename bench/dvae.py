@@ -8,8 +8,8 @@ mmjax.tools.convert_openai_dvae) and the same inputs; outputs are checked to agr
 call is warmed up once (JAX compiles there), then the repeats (each at least --repeat_seconds of
 back-to-back calls) alternate JAX and PyTorch so both see the same background load; images/s
 comes from the best repeat (noise from other processes only ever adds time) and the median is
-reported next to it. PyTorch keeps its default thread
-count. Prints a markdown table and writes bench/results/dvae.json (timing: bench/timing.py).
+reported next to it. PyTorch keeps its default thread count. Prints a markdown table and writes
+bench/results/dvae.json (timing: bench/timing.py).
 """
 
 import os

@@ -83,6 +83,7 @@ def test_finish_prints_table_summary_load_and_command_then_writes(tmp_path, caps
   assert written["command"] == ".venv/bin/python bench/x.py --cases=tiny" and written["rows"] == [{"case": "tiny"}]
   assert written["environment"]["torch_threads"] == 1
 
+
 def test_short_calls_are_repeated_back_to_back_to_fill_each_repeat(monkeypatch):
   clock, calls = [0.0], []
   monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
