@@ -16,7 +16,10 @@ after temperature, top-k and top-p (nucleus) filtering; temperature 0 is argmax.
 --guidance_scale s (classifier-free guidance) every candidate runs twice in the same batch, with its
 caption and with the all-pad caption (every text position its own pad id), interleaved so both rows
 sit on the same device, and samples from uncond + s·(cond − uncond). The all-pad caption means
-"no caption" only to a transformer trained with `config.caption_dropout` > 0.
+"no caption" only to a transformer trained with `config.caption_dropout` > 0. --negative_prompt
+replaces it with a caption to steer away from (repeat it and candidates cycle through them): e.g.
+the prompt with its shape word swapped, which sharpens what tells the shapes apart and works with any
+transformer (measured on the shapes demo in README).
 
 Seeds: candidate j of prompt p draws its codes from `jax.random.key(seed + p·num_candidates + j)`
 folded with the code's position, so a candidate is reproduced by its recorded seed alone, whatever
@@ -113,19 +116,19 @@ def candidate_keys(seeds, impl="threefry2x32"):
 
 # ----------------------------------------------------------------------------- incremental decoding
 
-def _sample(params, text_tokens, keys, guidance_scale, *, model, settings, return_logits):
+def _sample(params, text_tokens, negative_tokens, keys, guidance_scale, *, model, settings, return_logits):
   batch, text_length = text_tokens.shape
   guided = settings.guidance_scale is not None
   rows = text_tokens
-  if guided:  # [cond_0, uncond_0, cond_1, ...]: a candidate's two rows land on the same device
-    rows = jnp.stack([text_tokens, dalle.unconditional_text(model, batch)], axis=1).reshape(2 * batch, text_length)
+  if guided:  # [cond_0, neg_0, cond_1, ...]: a candidate's two rows land on the same device
+    rows = jnp.stack([text_tokens, negative_tokens], axis=1).reshape(2 * batch, text_length)
 
   def image_logits(logits):  # the last position's image part; guided: combined per candidate
     logits = logits[:, -1, model.text_rows:]
     if not guided:
       return logits
-    cond, uncond = logits[0::2], logits[1::2]
-    return uncond + guidance_scale * (cond - uncond)
+    cond, negative = logits[0::2], logits[1::2]
+    return negative + guidance_scale * (cond - negative)
 
   def draw(logits, position):
     return sample_logits(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, position), settings)
@@ -157,11 +160,12 @@ def _sampler(model, settings, return_logits, mesh, rules):
 
 
 def sample_image_tokens(model, params, text_tokens, rng, *, temperature=1.0, top_k=0, top_p=1.0,
-                        guidance_scale=None, mesh=None, rules=RULES, return_logits=False):
+                        guidance_scale=None, negative_tokens=None, mesh=None, rules=RULES, return_logits=False):
   """Image codes int32 [B, N] (N = grid_size², raster order) for text_tokens [B, T] ("dalle" layout).
 
   rng: one PRNG key (split into one per row) or a key array [B] (`candidate_keys(seeds)`).
-  guidance_scale: None for plain conditional sampling; s for uncond + s·(cond − uncond).
+  guidance_scale: None for plain conditional sampling; s for neg + s·(cond − neg), where neg are the
+    logits under negative_tokens [B, T] (default: the all-pad caption, i.e. classifier-free guidance).
   mesh: rows are split over the mesh axes of the `activation_batch` rule (B must divide); params
     keep whatever sharding they have. return_logits: also the f32 image logits [B, N, image_vocab]
     each code was drawn from (guided when guiding; before temperature and filtering).
@@ -179,10 +183,19 @@ def sample_image_tokens(model, params, text_tokens, rng, *, temperature=1.0, top
     raise ValueError("rng: expected a typed PRNG key (jax.random.key) or a key array [B], not raw uint32 keys")
   keys = rng if rng.shape == (batch,) else jax.random.split(rng, batch)
   scale = jnp.float32(1.0 if guidance_scale is None else guidance_scale)
-  if settings.guidance_scale is not None:
+  if settings.guidance_scale is None:
+    if negative_tokens is not None:
+      raise ConfigError("negative captions are only used with guidance: set --guidance_scale")
+  else:
     settings = dataclasses.replace(settings, guidance_scale=1.0)  # the compiled sampler's key: guided or not
+    if negative_tokens is None:
+      negative_tokens = dalle.unconditional_text(model, batch)
+    negative_tokens = jnp.asarray(negative_tokens, jnp.int32)
+    if negative_tokens.shape != text_tokens.shape:
+      raise ValueError(f"negative_tokens of shape {negative_tokens.shape}: expected {text_tokens.shape}, "
+                       "one negative caption per row of text_tokens")
   if mesh is None:
-    return _sampler(model, settings, return_logits, None, None)(params, text_tokens, keys, scale)
+    return _sampler(model, settings, return_logits, None, None)(params, text_tokens, negative_tokens, keys, scale)
   rules = tuple(rules)
   shards = batch_shards(mesh, rules)
   if batch % shards:
@@ -190,8 +203,9 @@ def sample_image_tokens(model, params, text_tokens, rng, *, temperature=1.0, top
                       f"the mesh {dict(mesh.shape)}: use a multiple of {shards} (--batch_size)")
   rows = sharding.batch_sharding(mesh, rules)
   with sharding.mesh_and_rules(mesh, rules):
+    negative_tokens = None if negative_tokens is None else jax.device_put(negative_tokens, rows)
     return _sampler(model, settings, return_logits, mesh, rules)(
-        params, jax.device_put(text_tokens, rows), jax.device_put(keys, rows), scale)
+        params, jax.device_put(text_tokens, rows), negative_tokens, jax.device_put(keys, rows), scale)
 
 
 def batch_shards(mesh, rules=RULES):
@@ -336,6 +350,7 @@ class Samples:
   seeds: np.ndarray         # int [P, N_candidates]
   scores: Optional[np.ndarray]  # f32 [P, N_candidates] CLIP cosine, or None without CLIP
   kept: np.ndarray          # int [P, top] candidate indices, best first
+  negative_prompts: Optional[list] = None  # per prompt, the captions its candidates were guided away from
 
 
 class Generator:
@@ -379,9 +394,13 @@ class Generator:
     return _gather(nll)[:rows]
 
   def generate(self, prompts: Sequence[str], num_candidates, top, settings=SamplingSettings(), seed=0,
-               batch_size=16):
+               batch_size=16, negative_prompts=None):
     """`num_candidates` per prompt, `batch_size` per jitted call (the last call padded), candidate i
-    (over all prompts) seeded seed + i; every host calls it and gets the whole result."""
+    (over all prompts) seeded seed + i; every host calls it and gets the whole result.
+
+    negative_prompts (guided sampling only): one list of captions per prompt; candidate j of prompt p
+    is guided away from negative_prompts[p][j mod its length] instead of the all-pad caption.
+    """
     if not prompts:
       raise ConfigError("no prompts: give --prompt (repeatable) or --prompts_file")
     check_counts(num_candidates, top, batch_size, batch_shards(self.mesh, self.rules))
@@ -389,13 +408,15 @@ class Generator:
     total = len(prompts) * num_candidates
     seeds = seed + np.arange(total)
     owners = np.repeat(np.arange(len(prompts)), num_candidates)  # candidate → its prompt
+    negatives = self._negative_text(prompts, num_candidates, settings, negative_prompts)
     codes, images = [], []
     for start in range(0, total, batch_size):
       batch_start = time.perf_counter()
       rows = np.arange(start, start + batch_size) % total  # the last batch wraps; extra rows are dropped
       keys = candidate_keys(seeds[rows])
       batch_codes = sample_image_tokens(self.model, self.params, text[owners[rows]], keys, mesh=self.mesh,
-                                        rules=self.rules, **dataclasses.asdict(settings))
+                                        rules=self.rules, **dataclasses.asdict(settings),
+                                        negative_tokens=None if negatives is None else negatives[rows])
       batch_images = decode_images(self.dvae_model, self.dvae_params, batch_codes, self.model.grid_size,
                                    self.mesh, self.rules)
       kept = min(batch_size, total - start)
@@ -416,7 +437,20 @@ class Generator:
       scores = scores.reshape(len(prompts), num_candidates)
       kept = rerank(scores, top)
     return Samples(list(prompts), codes, images.reshape(len(prompts), num_candidates, *images.shape[1:]),
-                   seeds.reshape(len(prompts), num_candidates), scores, kept)
+                   seeds.reshape(len(prompts), num_candidates), scores, kept,
+                   None if negative_prompts is None else [list(row) for row in negative_prompts])
+
+
+  def _negative_text(self, prompts, num_candidates, settings, negative_prompts):
+    """Token rows [P · num_candidates, T] of each candidate's negative caption, or None (all-pad)."""
+    if negative_prompts is None:
+      return None
+    if len(negative_prompts) != len(prompts) or not all(negative_prompts):
+      raise ConfigError(f"negative prompts: expected a non-empty list for each of the {len(prompts)} prompts")
+    captions = [row[j % len(row)] for row in negative_prompts for j in range(num_candidates)]
+    if not all(c.strip() for c in captions):
+      raise ConfigError("negative prompts: an empty caption (leave negatives out to guide against no caption)")
+    return self.tokenizer.tokenize(captions, "dalle", self.model.text_length)
 
 
 @functools.lru_cache(maxsize=2)
@@ -546,6 +580,7 @@ def write_outputs(samples, png_path, json_path, settings_record):
           "kept": [{"candidate": int(j), "seed": int(samples.seeds[p, j]), "score": score(p, j)}
                    for j in samples.kept[p]],
           "candidates": [{"seed": int(s), "score": score(p, j)} for j, s in enumerate(samples.seeds[p])],
+          **({} if samples.negative_prompts is None else {"negative_prompts": samples.negative_prompts[p]}),
       } for p, caption in enumerate(samples.captions)],
   }
   with open(json_path, "w") as f:
@@ -569,6 +604,8 @@ def define_flags():
   flags.DEFINE_integer("top_k", 0, "Keep only the k most likely codes (0 = all).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the most likely codes up to this probability (1 = all).")
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (unset = no guidance).")
+  flags.DEFINE_multi_string("negative_prompt", [], "With --guidance_scale: guide away from this caption instead "
+                            "of the empty one; repeat to cycle each prompt's candidates through several.")
   flags.DEFINE_integer("seed", 0, "Candidate i of the run (over all prompts) uses seed + i.")
   flags.DEFINE_integer("batch_size", 16, "Candidates per sampling call (a multiple of the device count).")
   flags.DEFINE_string("tokenizer", None, "The DALL·E sentencepiece .model (default: found next to --dalle).")
@@ -601,11 +638,15 @@ def main(argv):
   try:
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_counts(args.num_candidates, args.top, args.batch_size)  # before minutes of loading
+    if args.negative_prompt and args.guidance_scale is None:
+      raise ConfigError("--negative_prompt needs --guidance_scale")
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.guidance_scale)
     generator = Generator(args.dalle, args.dvae, args.clip, tokenizer=args.tokenizer,
                           clip_tokenizer=args.clip_tokenizer, dtype=args.dtype)
     start = time.perf_counter()
-    samples = generator.generate(prompts, args.num_candidates, args.top, settings, args.seed, args.batch_size)
+    negatives = [args.negative_prompt] * len(prompts) if args.negative_prompt else None
+    samples = generator.generate(prompts, args.num_candidates, args.top, settings, args.seed, args.batch_size,
+                                 negatives)
   except (ConfigError, DataError) as e:
     sys.exit(f"mmjax.generate: error: {e}")
   if jax.process_index() == 0:

@@ -187,6 +187,34 @@ def test_guidance_scale_one_is_unguided_and_guidance_combines_both_captions(tiny
   assert (guided_codes != codes).any()
 
 
+def test_negative_captions_replace_the_unconditional_row(tiny, sampled):
+  """Guidance against given captions: neg + s·(cond − neg) per row; the all-pad negative is the default,
+  and a negative equal to the caption leaves only the conditional logits (any scale)."""
+  model, params, text, keys = tiny
+  codes, logits = sampled
+  uncond = np.asarray(dalle.unconditional_text(model, BATCH))
+  default = generate.sample_image_tokens(model, params, text, keys, guidance_scale=3.0, return_logits=True)
+  explicit = generate.sample_image_tokens(model, params, text, keys, guidance_scale=3.0, negative_tokens=uncond,
+                                          return_logits=True)
+  np.testing.assert_array_equal(explicit[0], default[0])
+  same_codes, same_logits = generate.sample_image_tokens(model, params, text, keys, guidance_scale=3.0,
+                                                         negative_tokens=text, return_logits=True)
+  np.testing.assert_array_equal(same_codes, codes)
+  np.testing.assert_allclose(same_logits, logits, rtol=0, atol=1e-4)
+  negative = text[::-1].copy()  # each row guided away from another row's caption
+  guided_codes, guided = generate.sample_image_tokens(model, params, text, keys, guidance_scale=2.0,
+                                                      negative_tokens=negative, return_logits=True)
+  guided_codes = np.asarray(guided_codes)
+  cond = full_image_logits(model, params, text, guided_codes)
+  neg = full_image_logits(model, params, negative, guided_codes)
+  np.testing.assert_allclose(guided, neg + 2.0 * (cond - neg), rtol=0, atol=5e-5)
+  assert (guided_codes != codes).any()
+  with pytest.raises(ConfigError, match="guidance_scale"):
+    generate.sample_image_tokens(model, params, text, keys, negative_tokens=negative)
+  with pytest.raises(ValueError, match="one negative caption per row"):
+    generate.sample_image_tokens(model, params, text, keys, guidance_scale=2.0, negative_tokens=negative[:2])
+
+
 def test_a_candidate_depends_on_its_seed_not_its_batch(tiny, sampled):
   model, params, text, _ = tiny
   order = np.array([5, 2, 7, 0, 1, 3, 6, 4])
@@ -262,13 +290,16 @@ def test_cli_writes_a_reranked_grid_and_json(exports, tmp_path):
   result, seconds = _run_cli(f"--dalle={exports / 'dalle'}", f"--dvae={exports / 'dvae'}",
                              f"--clip={exports / 'clip'}", "--prompt=a red circle above a blue square",
                              f"--prompts_file={prompts}", "--num_candidates=4", "--top=2", "--batch_size=8",
-                             "--top_k=8", "--top_p=0.9", "--seed=10", f"--output={output}")
+                             "--top_k=8", "--top_p=0.9", "--seed=10", f"--output={output}", "--guidance_scale=2",
+                             "--negative_prompt=a green circle")
   assert result.returncode == 0, result.stderr[-3000:]
   assert seconds < 90  # imports, loading, compiling, sampling: ~40 s on the shared 2-core CPU at load 9
   record = json.loads((tmp_path / "out" / "grid.json").read_text())
   assert [p["caption"] for p in record["prompts"]] == ["a red circle above a blue square", "a blue square",
                                                         "a green triangle"]
   assert record["reranked"] and record["top_k"] == 8 and record["top_p"] == 0.9
+  assert record["guidance_scale"] == 2.0
+  assert all(p["negative_prompts"] == ["a green circle"] for p in record["prompts"])
   for p, prompt in enumerate(record["prompts"]):
     seeds = [c["seed"] for c in prompt["candidates"]]
     assert seeds == list(range(10 + 4 * p, 14 + 4 * p))
@@ -303,6 +334,26 @@ def test_without_clip_the_first_candidates_are_kept(exports, tmp_path, caplog):
   assert [(k["candidate"], k["seed"], k["score"]) for k in record["prompts"][0]["kept"]] == [
       (0, 5, None), (1, 6, None), (2, 7, None)]
   assert Image.open(tmp_path / "plain.png").size[0] == 3 * (96 + 4) + 4
+  # Negative prompts: candidate j of a prompt is guided away from its (j mod count)-th negative; the
+  # record keeps them. Guided against the prompt itself, candidates are the unguided ones.
+  negatives = [["a red square", "a red star"], ["a blue circle"]]
+  guided = generator.generate(["a red circle", "a blue star"], num_candidates=4, top=2, settings=settings,
+                              seed=5, batch_size=8, negative_prompts=negatives)
+  assert guided.negative_prompts == negatives
+  sampled_alone = generator.generate(["a red circle"], num_candidates=4, top=2, settings=settings, seed=5,
+                                     batch_size=8, negative_prompts=[["a red square", "a red star"]])
+  np.testing.assert_array_equal(sampled_alone.codes[0], guided.codes[0])
+  generate.write_outputs(guided, str(tmp_path / "neg.png"), str(tmp_path / "neg.json"), {})
+  assert [p["negative_prompts"] for p in json.loads((tmp_path / "neg.json").read_text())["prompts"]] == negatives
+  unguided = generator.generate(["a red circle"], num_candidates=8, top=3, seed=5, batch_size=8)
+  self_guided = generator.generate(["a red circle"], num_candidates=8, top=3, settings=settings, seed=5,
+                                   batch_size=8, negative_prompts=[["a red circle"]])
+  np.testing.assert_array_equal(self_guided.codes, unguided.codes)
+  with pytest.raises(ConfigError, match="each of the 2 prompts"):
+    generator.generate(["a", "b"], num_candidates=8, top=3, settings=settings, batch_size=8,
+                       negative_prompts=[["c"]])
+  with pytest.raises(ConfigError, match="guidance_scale"):
+    generator.generate(["a"], num_candidates=8, top=3, batch_size=8, negative_prompts=[["c"]])
   with pytest.raises(ConfigError, match="--top=9"):
     generate.check_counts(num_candidates=8, top=9, batch_size=8)
   with pytest.raises(ConfigError, match="--batch_size=4"):

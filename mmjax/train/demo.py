@@ -91,8 +91,10 @@ def _finished(name, directory, stage_config, workdir):
   with open(path) as f:
     saved = json.load(f)
   if saved.get("config") != _stage_record(stage_config, workdir):
+    # The samples stage writes into the workdir itself: only its record goes, not the other stages.
+    remove = path if os.path.normpath(directory) == os.path.normpath(workdir) else directory
     raise ConfigError(f"config.stages.{name} differs from the config stage {name!r} finished with in "
-                      f"{directory}; use a new --workdir or delete {directory} to run it again")
+                      f"{directory}; use a new --workdir or delete {remove} to run it again")
   return True
 
 

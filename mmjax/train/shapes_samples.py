@@ -108,6 +108,22 @@ def word_swaps(caption, words):
   return None
 
 
+GUIDE_AGAINST = ("", "colour", "shape")
+
+
+def negative_captions(captions, attribute):
+  """Per caption, the caption with each other word of `attribute` (colour or shape) in place of its
+  own (a two-object caption: its first such word, wherever it occurs): what guidance steers away from."""
+  negatives = []
+  for caption in captions:
+    swaps = word_swaps(caption, ATTRIBUTE_WORDS[attribute])
+    if swaps is None:
+      raise ConfigError(f"config.guide_against={attribute!r}: the caption {caption!r} has no {attribute} word")
+    index, variants = swaps
+    negatives.append(variants[:index] + variants[index + 1:])
+  return negatives
+
+
 def likelihood_preference(captions, image_codes, nll_fn):
   """{attribute: fraction of examples whose codes are strictly likeliest under their own word}.
 
@@ -142,23 +158,36 @@ def one_object_codes(tokens_dir, split, count):
   return captions, np.stack(codes) if codes else np.zeros((0, 0), np.int32)
 
 
+def sampling_settings(config):
+  """(SamplingSettings, the guidance record for metrics.json) from the stage config."""
+  if config.guide_against not in GUIDE_AGAINST:
+    raise ConfigError(f"config.guide_against={config.guide_against!r}: expected one of {GUIDE_AGAINST}")
+  if config.guide_against and config.guidance_scale is None:
+    raise ConfigError(f"config.guide_against={config.guide_against!r} needs config.guidance_scale")
+  settings = generate.SamplingSettings(temperature=config.temperature, top_k=config.top_k,
+                                       top_p=config.top_p, guidance_scale=config.guidance_scale)
+  record = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+            "guidance_scale": config.guidance_scale, "guide_against": config.guide_against or "no caption"}
+  return settings, record
+
+
 def run(config, workdir):
   if config.top > config.num_candidates:
     raise ConfigError(f"config.top={config.top} exceeds config.num_candidates={config.num_candidates}")
+  settings, sampling = sampling_settings(config)
   captions = test_captions(config)
+  negatives = negative_captions(captions, config.guide_against) if config.guide_against else None
   generator = generate.Generator(config.dalle, config.dvae, config.clip, tokenizer=config.tokenizer)
-  settings = generate.SamplingSettings(temperature=config.temperature, top_k=config.top_k,
-                                       top_p=config.top_p)
   logging.info("Sampling %d candidates for each of %d test captions", config.num_candidates, len(captions))
   samples = generator.generate(captions, config.num_candidates, config.top, settings, seed=config.seed,
-                               batch_size=config.batch_size)
+                               batch_size=config.batch_size, negative_prompts=negatives)
   first = samples.images[:, 0]
   rows = np.arange(len(captions))
   best = samples.images[rows, samples.kept[:, 0]]
   ideal = samples.images[rows, oracle_best(samples.images, captions)]
   metrics = {
       "captions": len(captions), "num_candidates": config.num_candidates, "split": config.split,
-      "sampling": {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p},
+      "sampling": sampling,
       "first": oracle_accuracy(first, captions),
       "reranked": oracle_accuracy(best, captions),
       "oracle_best": oracle_accuracy(ideal, captions),
@@ -170,7 +199,8 @@ def run(config, workdir):
     rows = grid_rows(captions, config.grid_captions)
     shown = generate.Samples([captions[i] for i in rows], samples.codes[rows], samples.images[rows],
                              samples.seeds[rows], None if samples.scores is None else samples.scores[rows],
-                             samples.kept[rows])
+                             samples.kept[rows],
+                             None if negatives is None else [negatives[i] for i in rows])
     generate.write_outputs(shown, os.path.join(workdir, "samples.png"),
                            os.path.join(workdir, "samples.json"), {"settings": metrics["sampling"]})
     with open(os.path.join(workdir, "metrics.json"), "w") as f:

@@ -68,8 +68,14 @@ def test_a_finished_stage_is_reused_only_with_the_same_config(tmp_path):
                         demo.wire_stages(shapes_demo.get_config(), relative).dvae, relative)
   changed = demo.wire_stages(shapes_demo.get_config(), moved).dvae
   changed.num_train_steps += 1
-  with pytest.raises(ConfigError, match="config.stages.dvae differs"):
+  with pytest.raises(ConfigError, match=f"config.stages.dvae differs.* delete {moved}/dvae to run"):
     demo._finished("dvae", os.path.join(moved, "dvae"), changed, moved)
+  # The samples stage runs in the workdir itself: rerunning it means deleting its record only.
+  samples = demo.wire_stages(shapes_demo.get_config(), moved).samples
+  demo._mark_finished(moved, samples, moved, seconds=1.0)
+  samples.guidance_scale = 2.0
+  with pytest.raises(ConfigError, match=f"delete {moved}/{demo.STAGE_FILE} to run"):
+    demo._finished("samples", moved, samples, moved)
 
 
 def test_samples_stage_takes_each_caption_group_and_shows_both(monkeypatch):
@@ -138,3 +144,27 @@ def test_oracle_best_picks_the_candidate_with_most_attributes_right():
   np.testing.assert_array_equal(shapes_samples.oracle_best(candidates, captions), [3, 0])
   # Without an all-right candidate, the one with the most right wins.
   np.testing.assert_array_equal(shapes_samples.oracle_best(candidates[:1, :3], captions[:1]), [2])
+
+
+def test_guidance_against_other_shape_words_is_configured_and_checked():
+  from mmjax.train import shapes_samples
+  captions = ["a small red circle", "a red circle above a blue square"]
+  negatives = shapes_samples.negative_captions(captions, "shape")
+  assert negatives[0] == ["a small red square", "a small red triangle", "a small red diamond", "a small red cross",
+                          "a small red star"]
+  assert negatives[1][0] == "a red square above a blue square" and len(negatives[1]) == 5
+  assert shapes_samples.negative_captions(captions[:1], "colour") == [[
+      f"a small {colour} circle" for colour in ("green", "blue", "yellow", "magenta", "cyan", "white")]]
+  config = shapes_demo.get_config().stages.samples
+  assert config.guidance_scale is None and not config.guide_against
+  settings, record = shapes_samples.sampling_settings(config)
+  assert settings.guidance_scale is None and record["guide_against"] == "no caption"
+  config.guide_against = "shape"
+  with pytest.raises(ConfigError, match="needs config.guidance_scale"):
+    shapes_samples.sampling_settings(config)
+  config.guidance_scale = 2.0  # a float, as --config.stages.samples.guidance_scale=2 sets it
+  settings, record = shapes_samples.sampling_settings(config)
+  assert settings.guidance_scale == 2.0 and record["guide_against"] == "shape"
+  config.guide_against = "size"
+  with pytest.raises(ConfigError, match="expected one of"):
+    shapes_samples.sampling_settings(config)
