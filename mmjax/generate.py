@@ -458,8 +458,8 @@ def _image_nll(model, mesh, rules):
   del mesh, rules  # cache keys, as for _decoder
 
   def image_nll(params, text_tokens, image_tokens):
-    logits = model.apply({"params": params}, text_tokens, image_tokens)
-    return dalle.image_code_nll(logits, image_tokens, image_vocab_size=model.image_vocab_size).sum(axis=-1)
+    _, image_logits = model.apply({"params": params}, text_tokens, image_tokens, method=dalle.Dalle.prediction_logits)
+    return dalle.image_code_nll(image_logits, image_tokens).sum(axis=-1)
   return jax.jit(image_nll)
 
 

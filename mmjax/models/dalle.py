@@ -18,6 +18,10 @@ T+N−2 the last image token (the last position's prediction is never used).
 
 `dalle_loss` softmaxes text predictions over the text range and image predictions over the image
 range, so a sampler that keeps `logits[..., text_rows:]` samples what the model was trained on.
+Training computes only those blocks (`Dalle.prediction_logits`: text positions through the head's
+text columns, image positions through its image columns), the same values as slicing the joint
+logits (`split_logits`) for a third of the head's work at the shapes size, where the joint head's
+forward and backward took more than half of the train step.
 
 Decoding: `Dalle.decode(tokens, index)` runs a chunk of positions index … index+C−1 against a KV
 cache (the "cache" collection, one [B, L, heads, head_dim] key and value per layer): C = T with
@@ -43,6 +47,25 @@ from mmjax.models import model_config as model_config_lib
 KIND = "dalle"
 RESIDUAL = layers.RESIDUAL
 LOGITS = ("activation_batch", "activation_length", "activation_vocab")
+
+
+class JointHead(nn.Module):
+  """The output head: one Dense over the joint vocabulary (params kernel [width, vocab_size] and bias,
+  as nn.Dense names them). `columns=(start, stop)` computes only those logits."""
+  vocab_size: int
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, columns=None):
+    # Zero-initialised: the first loss is exactly ln(text_rows)/8 + 7·ln(image_vocab_size)/8.
+    kernel = self.param("kernel", layers.zeros_init(("embed", "vocab")), (x.shape[-1], self.vocab_size),
+                        self.param_dtype)
+    bias = self.param("bias", layers.zeros_init(("vocab",)), (self.vocab_size,), self.param_dtype)
+    if columns is not None:
+      kernel, bias = kernel[:, columns[0]:columns[1]], bias[columns[0]:columns[1]]
+    logits = jnp.einsum("...d,dv->...v", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), LOGITS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,8 +152,9 @@ class Dalle(nn.Module):
   """The text+image transformer. Defaults are the paper's 12B model.
 
   `__call__(text_tokens [B, T], image_tokens [B, N] or [B, g, g]) -> f32 logits [B, L, vocab_size]`
-  (see the module docstring for the joint vocabulary). `decode(tokens [B, C], index)` → logits
-  [B, C, vocab_size] for positions index … index+C−1 using and updating the "cache" collection.
+  (see the module docstring for the joint vocabulary); `prediction_logits(...)` → the blocks the
+  loss reads. `decode(tokens [B, C], index)` → logits [B, C, vocab_size] for positions
+  index … index+C−1 using and updating the "cache" collection.
   """
   text_vocab_size: int = 16384
   text_length: int = 256
@@ -196,9 +220,7 @@ class Dalle(nn.Module):
     else:
       self.blocks = [block(**fields) for _ in range(self.num_layers)]
     self.ln_final = layers.LayerNorm(**common)
-    # Zero-initialised: the first loss is exactly ln(text_rows)/8 + 7·ln(image_vocab_size)/8.
-    self.head = nn.Dense(self.vocab_size, kernel_init=layers.zeros_init(("embed", "vocab")),
-                         bias_init=layers.zeros_init(("vocab",)), **common)
+    self.head = JointHead(self.vocab_size, **common)
 
   def embed(self, tokens, start):
     """tokens [B, C] at positions start … start+C−1 (text ids at text positions, image codes at image
@@ -213,17 +235,29 @@ class Dalle(nn.Module):
              + lookup(self.image_rows, cell // self.grid_size) + lookup(self.image_columns, cell % self.grid_size))
     return nn.with_logical_constraint(jnp.where(is_text[:, None], text, image).astype(self.dtype), RESIDUAL)
 
-  def _logits(self, x, index):
+  def _features(self, x, index):
     pattern_ids = jnp.asarray(attention.layer_pattern_ids(self.num_layers))
     if self.scan_layers:
       x, _ = self.blocks(x, pattern_ids, index)
     else:
       for block, pattern_id in zip(self.blocks, pattern_ids):
         x, _ = block(x, pattern_id, index)
-    logits = self.head(self.ln_final(x)).astype(jnp.float32)
-    return nn.with_logical_constraint(logits, LOGITS)
+    return self.ln_final(x)
 
   def __call__(self, text_tokens, image_tokens):
+    return self.head(self._features(self.embed(self._sequence(text_tokens, image_tokens), 0), None))
+
+  def prediction_logits(self, text_tokens, image_tokens):
+    """(text f32 [B, T−1, text_rows], image f32 [B, N, image_vocab_size]): positions 0 … T−2 over the
+    text columns (they predict text tokens 1 … T−1), positions T−1 … L−2 over the image columns
+    (they predict the N codes). Equal to `split_logits(__call__(...))`, computing only these."""
+    x = self._features(self.embed(self._sequence(text_tokens, image_tokens), 0), None)
+    text = self.head(x[:, :self.text_length - 1], columns=(0, self.text_rows))
+    image = self.head(x[:, self.text_length - 1:-1], columns=(self.text_rows, self.vocab_size))
+    return text, image
+
+  def _sequence(self, text_tokens, image_tokens):
+    """[B, L]: the caption then the codes, after checking both shapes."""
     batch = text_tokens.shape[0]
     if text_tokens.shape != (batch, self.text_length):
       raise ValueError(f"DALL·E: text_tokens of shape {text_tokens.shape}, expected [batch, "
@@ -231,13 +265,12 @@ class Dalle(nn.Module):
     if image_tokens.shape not in ((batch, self.image_length), (batch, self.grid_size, self.grid_size)):
       raise ValueError(f"DALL·E: image_tokens of shape {image_tokens.shape}, expected [batch, "
                        f"{self.image_length}] or [batch, {self.grid_size}, {self.grid_size}] (grid_size)")
-    tokens = jnp.concatenate([text_tokens, image_tokens.reshape(batch, -1)], axis=1)
-    return self._logits(self.embed(tokens, 0), None)
+    return jnp.concatenate([text_tokens, image_tokens.reshape(batch, -1)], axis=1)
 
   def decode(self, tokens, index):
     """Logits [B, C, vocab_size] for tokens [B, C] at positions index … index+C−1 (index ≥ 0, may be
     traced; index + C ≤ sequence_length), reading and writing the "cache" collection."""
-    return self._logits(self.embed(tokens, index), jnp.asarray(index, jnp.int32))
+    return self.head(self._features(self.embed(tokens, index), jnp.asarray(index, jnp.int32)))
 
 
 def check_fields(model):
@@ -262,27 +295,29 @@ def _cross_entropy(logits, targets):
   return -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def image_code_nll(logits, image_tokens, *, image_vocab_size):
-  """−log p of each image code given the text and the codes before it: [B, N] f32 (logits from
-  `Dalle.__call__`, image_tokens [B, N] or [B, g, g])."""
-  targets = image_tokens.reshape(image_tokens.shape[0], -1)
+def split_logits(logits, text_length, image_vocab_size):
+  """Joint logits [B, L, vocab_size] (`Dalle.__call__`) → `Dalle.prediction_logits`' (text, image)."""
   text_rows = logits.shape[-1] - image_vocab_size
-  first = logits.shape[1] - targets.shape[1] - 1   # the last text position predicts the first code
-  return _cross_entropy(logits[:, first:-1, text_rows:], targets)
+  return logits[:, :text_length - 1, :text_rows], logits[:, text_length - 1:-1, text_rows:]
 
 
-def dalle_loss(logits, text_tokens, image_tokens, *, image_vocab_size, text_loss_weight=1 / 8):
+def image_code_nll(image_logits, image_tokens):
+  """−log p of each image code given the text and the codes before it: [B, N] f32 (image_logits from
+  `Dalle.prediction_logits`, image_tokens [B, N] or [B, g, g])."""
+  return _cross_entropy(image_logits, image_tokens.reshape(image_tokens.shape[0], -1))
+
+
+def dalle_loss(predictions, text_tokens, image_tokens, *, text_loss_weight=1 / 8):
   """The paper's loss: cross-entropy averaged per modality, text × 1/8 + image × 7/8.
 
-  logits [B, L, text_rows + image_vocab_size] from `Dalle.__call__`; text_tokens [B, T]; image_tokens
-  [B, N] or [B, g, g]. Text targets are tokens 1 … T−1 (pads included: each is its position's
-  learned pad), scored over the text range; image targets are all N codes, scored over the image
-  range. Returns (loss, {"loss", "text_loss", "image_loss"}), f32 scalars.
+  predictions: (text_logits, image_logits) from `Dalle.prediction_logits` (or `split_logits`);
+  text_tokens [B, T]; image_tokens [B, N] or [B, g, g]. Text targets are tokens 1 … T−1 (pads
+  included: each is its position's learned pad), scored over the text range; image targets are all
+  N codes, scored over the image range. Returns (loss, {"loss", "text_loss", "image_loss"}), f32 scalars.
   """
-  text_length = text_tokens.shape[1]
-  text_rows = logits.shape[-1] - image_vocab_size
-  text_loss = _cross_entropy(logits[:, :text_length - 1, :text_rows], text_tokens[:, 1:]).mean()
-  image_loss = image_code_nll(logits, image_tokens, image_vocab_size=image_vocab_size).mean()
+  text_logits, image_logits = predictions
+  text_loss = _cross_entropy(text_logits, text_tokens[:, 1:]).mean()
+  image_loss = image_code_nll(image_logits, image_tokens).mean()
   loss = text_loss_weight * text_loss + (1 - text_loss_weight) * image_loss
   return loss, {"loss": loss, "text_loss": text_loss, "image_loss": image_loss}
 

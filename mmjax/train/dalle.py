@@ -215,9 +215,9 @@ def abstract_state(config, model, mesh):
 # ----------------------------------------------------------------------------- step
 
 def _loss_fn(config, apply_fn, params, batch):
-  logits = apply_fn({"params": params}, batch["text_tokens"], batch["image_tokens"])
-  return dalle.dalle_loss(logits, batch["text_tokens"], batch["image_tokens"],
-                          image_vocab_size=config.model.image_vocab_size,
+  predictions = apply_fn({"params": params}, batch["text_tokens"], batch["image_tokens"],
+                         method=dalle.Dalle.prediction_logits)
+  return dalle.dalle_loss(predictions, batch["text_tokens"], batch["image_tokens"],
                           text_loss_weight=config.text_loss_weight)
 
 

@@ -61,8 +61,9 @@ def test_init_layout_first_loss_and_a_few_adam_steps():
   @jax.jit
   def train_step(params, opt_state):
     def loss_fn(p):
-      logits = model.apply({"params": p}, text, image.reshape(4, 4, 4))  # codes may come as a grid
-      return dalle.dalle_loss(logits, text, image, image_vocab_size=30)
+      predictions = model.apply({"params": p}, text, image.reshape(4, 4, 4),  # codes may come as a grid
+                                method=dalle.Dalle.prediction_logits)
+      return dalle.dalle_loss(predictions, text, image)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state, metrics
@@ -81,11 +82,39 @@ def test_init_layout_first_loss_and_a_few_adam_steps():
   assert history[-1]["text_loss"] < 0.5 * first["text_loss"]
 
 
+def test_prediction_logits_are_the_joint_logits_the_loss_reads():
+  """Training's head (each position through its own modality's columns) against the joint head sliced:
+  same logits, same loss, same gradients, and the same params (a checkpoint serves both)."""
+  model = dalle.Dalle(**SMALL)
+  text, image = tokens(batch=3, seed=4)
+  params = random_params(model, seed=4)
+  assert jax.tree.structure(nn.unbox(model.init(key(0), text, image)["params"])) == jax.tree.structure(params)
+  joint = model.apply({"params": params}, text, image)
+  predictions = model.apply({"params": params}, text, image, method=dalle.Dalle.prediction_logits)
+  assert predictions[0].shape == (3, 5, TEXT_ROWS) and predictions[1].shape == (3, 16, 30)
+  for got, want in zip(predictions, dalle.split_logits(joint, 6, image_vocab_size=30)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+  def loss(p, joint_head):
+    if joint_head:
+      return dalle.dalle_loss(dalle.split_logits(model.apply({"params": p}, text, image), 6, 30), text, image)[0]
+    return dalle.dalle_loss(model.apply({"params": p}, text, image, method=dalle.Dalle.prediction_logits),
+                            text, image)[0]
+
+  (joint_loss, joint_grads), (loss_, grads) = (jax.value_and_grad(loss)(params, flag) for flag in (True, False))
+  np.testing.assert_allclose(loss_, joint_loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(joint_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # The text columns never see image positions' gradients and vice versa: both blocks are trained.
+  head = np.asarray(grads["head"]["kernel"])
+  assert np.abs(head[:, :TEXT_ROWS]).sum() > 0 and np.abs(head[:, TEXT_ROWS:]).sum() > 0
+
+
 def test_loss_matches_its_definition():
   rng = np.random.default_rng(1)
   text, image = tokens(batch=3, seed=1)
   logits = rng.normal(scale=3.0, size=(3, 22, VOCAB)).astype(np.float32)
-  loss_fn = jax.jit(lambda x: dalle.dalle_loss(x, text, image, image_vocab_size=30))
+  loss_fn = jax.jit(lambda x: dalle.dalle_loss(dalle.split_logits(x, 6, image_vocab_size=30), text, image))
   loss, metrics = loss_fn(logits)
 
   def nll(row, target, lo, hi):  # -log softmax over the modality's slice [lo, hi)
@@ -271,7 +300,8 @@ def test_splash_model_gradient_compiles_for_a_tpu_slice():
   inputs = [jax.ShapeDtypeStruct(x.shape, jnp.int32, sharding=batch) for x in (text, image)]
 
   def loss(params, text, image):
-    return dalle.dalle_loss(model.apply({"params": params}, text, image), text, image, image_vocab_size=128)[0]
+    predictions = model.apply({"params": params}, text, image, method=dalle.Dalle.prediction_logits)
+    return dalle.dalle_loss(predictions, text, image)[0]
 
   hlo = sharding.compile_for_mesh(jax.jit(jax.grad(loss)), (abstract, *inputs), mesh, rules).as_text()
   for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):  # the scanned blocks use splash

@@ -226,8 +226,9 @@ def test_token_files_train_eval_and_export(tmp_path):
   batches = list(trainer.create_dataset(config.copy_and_resolve_references(), str(tmp_path / "workdir"),
                                         train=False).as_numpy_iterator())
   assert len(batches) == 2 and os.path.samefile(trainer.tokens_dir(config, str(tmp_path / "workdir")), tokens)
-  losses = [dalle.dalle_loss(model.apply({"params": params}, b["text_tokens"], b["image_tokens"]),
-                             b["text_tokens"], b["image_tokens"], image_vocab_size=IMAGE_VOCAB)[0] for b in batches]
+  losses = [dalle.dalle_loss(model.apply({"params": params}, b["text_tokens"], b["image_tokens"],
+                                         method=dalle.Dalle.prediction_logits),
+                             b["text_tokens"], b["image_tokens"])[0] for b in batches]
   np.testing.assert_allclose(np.mean(losses), result.eval["loss"], rtol=1e-5)
 
 
