@@ -1,4 +1,4 @@
-"""The whole pipeline on the embedded shapes set: what `make demo` runs (12–14 minutes on a 2-core CPU).
+"""The whole pipeline on the embedded shapes set: what `make demo` runs (12–17 minutes on a 2-core CPU).
 
   python -m mmjax.main --config=mmjax/configs/shapes_demo.py --workdir=demo_workdir
 
@@ -23,8 +23,10 @@ NUM_TRAIN_EXAMPLES = 10_000
 # where CLIP reached only 13% held-out zero-shot (39% at 1,200), hence CLIP's 1,200 here. Session
 # 10, with the banded row mask's slower DALL·E step: 839 s (237, 28, 247, 228, 94); session 11, on a
 # quieter machine: 717 s (223, 27, 215, 175, 73). Session 12 made the DALL·E step 1.33× faster
-# (the loss's head computes each modality's block only), so 800 updates take what 600 took. The
-# README lists the stage times and what each stage reaches at these budgets.
+# (the loss's head computes each modality's block only), so 800 updates take what 600 took; its
+# clean-clone run took 1,015 s (267, 30, 318, 297, 99) on a day the machine ran the unchanged
+# dVAE and CLIP stages 1.2–1.7× slower than in session 11. The README lists the stage times and
+# what each stage reaches at these budgets.
 DEMO_STEPS = {"dvae": 800, "dalle": 800, "clip": 1200}
 
 
