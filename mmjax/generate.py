@@ -17,9 +17,9 @@ after temperature, top-k and top-p (nucleus) filtering; temperature 0 is argmax.
 caption and with the all-pad caption (every text position its own pad id), interleaved so both rows
 sit on the same device, and samples from uncond + s·(cond − uncond). The all-pad caption means
 "no caption" only to a transformer trained with `config.caption_dropout` > 0. --negative_prompt
-replaces it with a caption to steer away from (repeat it and candidates cycle through them): e.g.
-the prompt with its shape word swapped, which sharpens what tells the shapes apart and works with any
-transformer (measured on the shapes demo in README).
+replaces it with a caption to steer away from (repeat it and candidates cycle through them), e.g.
+the prompt with its shape word swapped (measured on the shapes set in README); unlike the all-pad
+caption it needs no caption dropout in training.
 
 Seeds: candidate j of prompt p draws its codes from `jax.random.key(seed + p·num_candidates + j)`
 folded with the code's position, so a candidate is reproduced by its recorded seed alone, whatever
@@ -408,7 +408,7 @@ class Generator:
     total = len(prompts) * num_candidates
     seeds = seed + np.arange(total)
     owners = np.repeat(np.arange(len(prompts)), num_candidates)  # candidate → its prompt
-    negatives = self._negative_text(prompts, num_candidates, settings, negative_prompts)
+    negatives = self._negative_text(prompts, num_candidates, negative_prompts)
     codes, images = [], []
     for start in range(0, total, batch_size):
       batch_start = time.perf_counter()
@@ -440,8 +440,7 @@ class Generator:
                    seeds.reshape(len(prompts), num_candidates), scores, kept,
                    None if negative_prompts is None else [list(row) for row in negative_prompts])
 
-
-  def _negative_text(self, prompts, num_candidates, settings, negative_prompts):
+  def _negative_text(self, prompts, num_candidates, negative_prompts):
     """Token rows [P · num_candidates, T] of each candidate's negative caption, or None (all-pad)."""
     if negative_prompts is None:
       return None
@@ -458,7 +457,8 @@ def _image_nll(model, mesh, rules):
   del mesh, rules  # cache keys, as for _decoder
 
   def image_nll(params, text_tokens, image_tokens):
-    _, image_logits = model.apply({"params": params}, text_tokens, image_tokens, method=dalle.Dalle.prediction_logits)
+    _, image_logits = model.apply({"params": params}, text_tokens, image_tokens,
+                                  method=dalle.Dalle.prediction_logits)
     return dalle.image_code_nll(image_logits, image_tokens).sum(axis=-1)
   return jax.jit(image_nll)
 
