@@ -86,9 +86,10 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([class_token, patches], axis=1) + positions.astype(self.dtype)
     x = nn.with_logical_constraint(x, RESIDUAL)
     x = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln_pre")(x)
-    x = layers.Transformer(self.layers, self.heads, self.mlp_dim, self.activation, self.scan_layers, self.remat,
-                           self.dtype, self.param_dtype, name="transformer")(x)
-    pooled = layers.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_post")(x[:, 0])
+    class_token = layers.Transformer(self.layers, self.heads, self.mlp_dim, self.activation, self.scan_layers,
+                                     self.remat, self.dtype, self.param_dtype, name="transformer")(
+                                         x, output_index=jnp.zeros((batch,), jnp.int32))
+    pooled = layers.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_post")(class_token)
     return pooled @ _projection(self, self.width, self.embed_dim).astype(jnp.float32)
 
 
@@ -122,10 +123,10 @@ class TextTransformer(nn.Module):
     positions = self.param("positional_embedding", layers.normal_init(0.01, (None, "embed")),
                            (self.context_length, self.width), self.param_dtype)
     x = nn.with_logical_constraint(x + positions[:length].astype(self.dtype), RESIDUAL)
-    x = layers.Transformer(self.layers, self.heads, self.mlp_dim, self.activation, self.scan_layers, self.remat,
-                           self.dtype, self.param_dtype, name="transformer")(x, layers.causal_mask(length))
-    # LayerNorm is per position, so normalising only the end-of-text rows gives the same features.
-    end_of_text = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
+    # Only the end-of-text position is read (LayerNorm is per position), so the last block computes it alone.
+    end_of_text = layers.Transformer(self.layers, self.heads, self.mlp_dim, self.activation, self.scan_layers,
+                                     self.remat, self.dtype, self.param_dtype, name="transformer")(
+                                         x, layers.causal_mask(length), output_index=jnp.argmax(tokens, axis=-1))
     pooled = layers.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_final")(end_of_text)
     return pooled @ _projection(self, self.width, self.embed_dim).astype(jnp.float32)
 

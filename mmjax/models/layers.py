@@ -138,14 +138,17 @@ class MultiHeadAttention(nn.Module):
   attention_fn: Callable[..., Any] = dot_product_attention
 
   @nn.compact
-  def __call__(self, x, mask=None, bias=None):
+  def __call__(self, x, mask=None, bias=None, queries_from=None):
+    """`queries_from` [B, Lq, width] (default x): the positions that ask; keys and values come from x."""
     width = x.shape[-1]
     if width % self.heads:
       raise ValueError(f"attention: width {width} is not divisible by heads={self.heads}")
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    sources = {"query": x if queries_from is None else queries_from, "key": x, "value": x}
     query, key, value = (
-        nn.with_logical_constraint(HeadsProjection(self.heads, width // self.heads, name=name, **common)(x), HEADS)
-        for name in ("query", "key", "value"))
+        nn.with_logical_constraint(HeadsProjection(self.heads, width // self.heads, name=name, **common)(source),
+                                   HEADS)
+        for name, source in sources.items())
     attended = nn.with_logical_constraint(self.attention_fn(query, key, value, mask=mask, bias=bias), HEADS)
     out = HeadsOutput(width, self.out_init_std, name="out", **common)(attended)
     return nn.with_logical_constraint(out, RESIDUAL)
@@ -183,11 +186,18 @@ class ResidualBlock(nn.Module):
   attention_fn: Callable[..., Any] = dot_product_attention
 
   @nn.compact
-  def __call__(self, x, mask=None, bias=None):
+  def __call__(self, x, mask=None, bias=None, output_index=None):
+    """x [B, L, width] → [B, L, width]; with `output_index` (int [B]) → [B, 1, width], the block's output
+    at one position per example, computed at that position alone (keys and values still see all of x)."""
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attention = MultiHeadAttention(self.heads, self.out_init_std, attention_fn=self.attention_fn,
                                    name="attn", **common)
-    x = x + attention(LayerNorm(name="ln_1", **common)(x), mask=mask, bias=bias)
+    normed = LayerNorm(name="ln_1", **common)(x)
+    queries_from = None
+    if output_index is not None:
+      x, queries_from = (at_positions(a, output_index) for a in (x, normed))
+      mask, bias = (None if a is None else query_rows(a, output_index) for a in (mask, bias))
+    x = x + attention(normed, mask=mask, bias=bias, queries_from=queries_from)
     x = nn.with_logical_constraint(x, RESIDUAL)
     x = x + Mlp(self.mlp_dim, self.activation, self.out_init_std, name="mlp", **common)(
         LayerNorm(name="ln_2", **common)(x))
@@ -219,7 +229,9 @@ class Transformer(nn.Module):
   attention_fn: Callable[..., Any] = dot_product_attention
 
   @nn.compact
-  def __call__(self, x, mask=None, bias=None):
+  def __call__(self, x, mask=None, bias=None, output_index=None):
+    """x [B, L, width] → [B, L, width], or [B, width] at `output_index` (int [B]) when given: unscanned,
+    the last block then computes that position only (a pooled readout needs nothing else)."""
     width = x.shape[-1]
     fields = dict(heads=self.heads, mlp_dim=self.mlp_dim, activation=self.activation,
                   out_init_std=width ** -0.5 * (2 * self.layers) ** -0.5, dtype=self.dtype,
@@ -231,11 +243,23 @@ class Transformer(nn.Module):
                       in_axes=(nn.broadcast, nn.broadcast), length=self.layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(name=BLOCKS, **fields)(x, mask, bias)
-      return x
+      return x if output_index is None else at_positions(x, output_index)[:, 0]
     block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     for i in range(self.layers):
-      x = block(name=f"{BLOCKS}_{i}", **fields)(x, mask, bias)
-    return x
+      last = i == self.layers - 1 and output_index is not None
+      x = block(name=f"{BLOCKS}_{i}", **fields)(x, mask, bias, output_index if last else None)
+    return x if output_index is None else x[:, 0]
+
+
+def at_positions(x, index):
+  """x [B, L, ...] → [B, 1, ...]: row index[b] of example b."""
+  return x[jnp.arange(x.shape[0]), index][:, None]
+
+
+def query_rows(a, index):
+  """A mask or bias broadcastable to [B, H, Lq, Lk] → [B, H, 1, Lk]: query row index[b] of example b."""
+  a = jnp.broadcast_to(a, (index.shape[0],) + a.shape[1:])
+  return a[jnp.arange(index.shape[0]), :, index][:, :, None]
 
 
 def causal_mask(length):

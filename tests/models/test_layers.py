@@ -140,6 +140,38 @@ def test_scan_remat_and_unscanned_layouts_agree():
     layers.stack_layers({"blocks_0": params["blocks_0"], "blocks_2": params["blocks_1"]})
 
 
+def test_output_index_reads_one_position_as_the_full_stack_would():
+  """The unscanned last block computes only the read position: same values and gradients as
+  running every position and gathering, for causal and unmasked stacks, remat and scanned too."""
+  x = normal((3, LENGTH, WIDTH))
+  index = jnp.array([5, 0, 2])
+  rows = jnp.arange(3)
+  fields = dict(layers=2, heads=HEADS, mlp_dim=MLP_DIM, activation="gelu", dtype=jnp.float32)
+  plain = layers.Transformer(**fields)
+  for mask in (layers.causal_mask(LENGTH), None):
+    params = random_params(plain, x, mask)
+
+    def full(p, mask=mask):
+      return plain.apply({"params": p}, x, mask)[rows, index]
+
+    expected, expected_grads = jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(full(p)))))(params)
+    for scan_layers, remat in ((False, False), (False, True), (True, False)):
+      model = layers.Transformer(**fields, scan_layers=scan_layers, remat=remat)
+      p = layers.stack_layers(params) if scan_layers else params
+      read = jax.jit(lambda q, m=model, mask=mask: m.apply({"params": q}, x, mask, output_index=index))(p)
+      assert read.shape == (3, WIDTH)
+      np.testing.assert_allclose(read, full(params), rtol=1e-5, atol=1e-6)
+      value, grads = jax.jit(jax.value_and_grad(
+          lambda q, m=model, mask=mask: jnp.sum(jnp.sin(m.apply({"params": q}, x, mask, output_index=index)))))(p)
+      np.testing.assert_allclose(value, expected, rtol=1e-5)
+      grads = layers.unstack_layers(grads) if scan_layers else grads
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, expected_grads)
+  # The last block's queries see only their own row of the mask: position 0 attends to itself alone.
+  causal = layers.query_rows(layers.causal_mask(LENGTH), index)
+  assert causal.shape == (3, 1, 1, LENGTH)
+  np.testing.assert_array_equal(causal[:, 0, 0].sum(-1), index + 1)
+
+
 def test_every_param_has_logical_axes_and_shards_by_the_rules():
   x = jnp.zeros((8, LENGTH, WIDTH))
   for scan_layers in (False, True):
