@@ -134,7 +134,10 @@ def test_accumulation_gives_the_full_batch_update(full_batch_step):
                                jax.tree.leaves(state.params)):
     if np.abs(np.asarray(want) - np.asarray(before)).max() > learning_rate / 2:
       moved += 1
-      np.testing.assert_allclose(got, want, atol=learning_rate * 1e-2)
+      # Adam's first step moves a param by lr·g/(|g|+ε): where g is a near-cancelling sum, the float
+      # rounding of the two summation orders shows as up to ~1% of lr; 4 separate losses would move
+      # params by O(lr).
+      np.testing.assert_allclose(got, want, atol=learning_rate * 2e-2)
     # else: a gradient of pure rounding noise (e.g. key biases), which Adam rescales to any size
   # Adam's first step moves every param with a gradient by ~lr (key biases have none: softmax
   # ignores a per-query constant).
