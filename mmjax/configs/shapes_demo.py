@@ -1,4 +1,4 @@
-"""The whole pipeline on the embedded shapes set: what `make demo` runs (12–17 minutes on a 2-core CPU).
+"""The whole pipeline on the embedded shapes set: what `make demo` runs (12–15 minutes on a 2-core CPU).
 
   python -m mmjax.main --config=mmjax/configs/shapes_demo.py --workdir=demo_workdir
 
@@ -20,14 +20,15 @@ NUM_TRAIN_EXAMPLES = 10_000
 # Updates per trained stage, cut from each config's own so the whole demo fits in 15 minutes on a
 # 2-core CPU. Clean-clone runs of session 8: 1,018 s with 1,000 / 800 / 1,200 updates (dvae 299 s,
 # encode 27, dalle 385, clip 231, samples 73); 731 s with 800 / 600 / 1,000 (238, 25, 223, 172, 69),
-# where CLIP reached only 13% held-out zero-shot (39% at 1,200), hence CLIP's 1,200 here. Session
+# where CLIP reached only 13% held-out zero-shot (39% at 1,200), hence CLIP's 1,200 then. Session
 # 10, with the banded row mask's slower DALL·E step: 839 s (237, 28, 247, 228, 94); session 11, on a
 # quieter machine: 717 s (223, 27, 215, 175, 73). Session 12 made the DALL·E step 1.33× faster
 # (the loss's head computes each modality's block only), so 800 updates take what 600 took; its
 # clean-clone run took 1,015 s (267, 30, 318, 297, 99) on a day the machine ran the unchanged
 # dVAE and CLIP stages 1.2–1.7× slower than in session 11. Session 13's CLIP step is 1.5× faster
 # (the last block computes the pooled position only), yet on an equally slow day the stages took
-# 945 s (263, 28, 325, 214, 111); hence CLIP's 1,100 and 50 two-object captions. The README lists
+# 945 s (263, 28, 325, 214, 111); hence CLIP's 1,100 and 50 two-object captions: 877 s (258, 24,
+# 325, 190, 75) on that day, from a clean clone. The README lists
 # the stage times and what each stage reaches at these budgets.
 DEMO_STEPS = {"dvae": 800, "dalle": 800, "clip": 1100}
 
