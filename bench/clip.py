@@ -26,6 +26,9 @@ shard), value_and_grad, AdamW (β2 0.98, ε 1e-6, weight decay 0.2 off gains/bia
 logit-scale clamp, the EMA of the params and the gradient norm. PyTorch does the same work: the
 same symmetric cross-entropy on logit_scale · cos, loss.backward(), torch.optim.AdamW (fused, its
 fastest CPU path, with the same decay groups), the clamp, the EMA (`_foreach_lerp_`) and the norm.
+Train matmuls: the products that train step multiplies, alone (bench/matmul_floor.py), in JAX (one
+jitted call per product group) and in PyTorch (eager): the floor under each framework's step. At the
+tiny size JAX's per-call dispatch dominates it.
 Prints a markdown table, the reproduce command and the load average; writes bench/results/clip.json.
 """
 
@@ -58,7 +61,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench import timing  # noqa: E402
+from bench import matmul_floor, timing  # noqa: E402
 from mmjax import sharding  # noqa: E402
 from mmjax.configs import clip_shapes, clip_vit_b32  # noqa: E402
 from mmjax.models import clip  # noqa: E402
@@ -86,8 +89,8 @@ CASES = {
                    vision_patch_size=32, context_length=77, vocab_size=49408, transformer_width=512,
                    transformer_heads=8, transformer_layers=12), 12, 8, True),
 }
-CALLS = ("train_step", "encode_image", "encode_text")
-UNITS = {"train_step": "pairs", "encode_image": "images", "encode_text": "texts"}
+CALLS = ("train_step", "encode_image", "encode_text", "train_matmuls")
+UNITS = {"train_step": "pairs", "encode_image": "images", "encode_text": "texts", "train_matmuls": "pairs"}
 RESULTS = BENCH_DIR / "results" / "clip.json"
 LEARNING_RATE = 1e-4
 DEFAULT_TORCH_THREADS = torch.get_num_threads()
@@ -265,6 +268,18 @@ def bench_case(name, sizes, vision_heads, batch, case_scan_layers, calls, repeat
       torch_fn = lambda: torch_encode(x_torch)  # noqa: E731
       error = relative_error(jax_fn(), torch_fn().numpy())  # warm-up
       record(call, jax_fn, torch_fn, {"max_rel_error": error})
+
+  if "train_matmuls" in calls:
+    # The floor under the train step: its matmuls alone, each framework's own kernels, nothing else.
+    groups = [(count, kind, matmul_floor.operands(kind, dims)) for count, kind, dims in
+              matmul_floor.train_products(sizes, vision_heads, batch)]
+    on_jax = [(count, kind, [jnp.asarray(x) for x in ops]) for count, kind, ops in groups]
+    on_torch = [(count, kind, [torch.from_numpy(x) for x in ops]) for count, kind, ops in groups]
+    # Each JAX call waits for its products, as PyTorch's eager calls do.
+    jax_fn = matmul_floor.caller(on_jax, lambda *a: jax.block_until_ready(matmul_floor.jax_products(*a)))
+    torch_fn = matmul_floor.caller(on_torch, matmul_floor.torch_products)
+    error = relative_error(jax_fn()[0], torch_fn()[0].numpy())  # warm-up: the last group's first product
+    record("train_matmuls", jax_fn, torch_fn, {"max_rel_error": error})
 
   if "train_step" in calls:
     mesh = sharding.create_mesh(config.mesh)
