@@ -39,10 +39,26 @@ def load_model_config(directory, kind=None):
   return model_config
 
 
+def check_shardings_divide(directory, abstract_tree):
+  """DataError naming the first leaf of `abstract_tree` whose sharding does not split its shape
+  evenly. Checked before Orbax starts reading: its own refusal comes from inside the parallel
+  reads, whose stragglers then write to a closed event loop."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      continue
+    try:
+      sharding.shard_shape(leaf.shape)
+    except ValueError as error:
+      raise DataError(f"{directory}: cannot restore {jax.tree_util.keystr(path)} of shape "
+                      f"{tuple(leaf.shape)} into {sharding}: {error}") from None
+
+
 def load_model(directory, kind=None, abstract_params=None):
   """Returns (params, model_config). With `abstract_params` (ShapeDtypeStructs carrying
   shardings) the arrays are restored straight into those shardings."""
   model_config = load_model_config(directory, kind)
+  check_shardings_divide(directory, abstract_params)
   path = epath.Path(directory).absolute() / "params"
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(path, abstract_params)
@@ -79,6 +95,7 @@ class TrainCheckpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       return None, 0
+    check_shardings_divide(self.directory / str(step), abstract_state)
     state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     if data_iterator is not None:
       data_iterator.restore(self._data_dir(step))

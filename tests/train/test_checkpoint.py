@@ -27,7 +27,8 @@ def test_restore_into_shardings(tmp_path):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   abstract = {"conv": {"kernel": jax.ShapeDtypeStruct((2, 3, 4), jnp.float32, sharding=sharding),
                        "bias": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=replicated)}}
-  with pytest.raises(ValueError):  # 4 does not split 8 ways: orbax refuses, nothing is half-loaded
+  # 4 does not split 8 ways: refused before anything is read, naming the leaf.
+  with pytest.raises(DataError, match=r"cannot restore \['conv'\]\['kernel'\] of shape \(2, 3, 4\)"):
     checkpoint.load_model(tmp_path / "m", abstract_params=abstract)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, None))
   abstract["conv"]["kernel"] = jax.ShapeDtypeStruct((2, 3, 4), jnp.float32, sharding=sharding)
@@ -53,3 +54,13 @@ def test_train_checkpoints_resume_latest(tmp_path):
   assert step == 3
   np.testing.assert_array_equal(state["w"], [3.0, 3.0, 3.0])
   assert sorted(ckpts.manager.all_steps()) == [2, 3]
+
+
+def test_train_state_that_cannot_be_sharded_is_named(tmp_path):
+  ckpts = checkpoint.TrainCheckpoints(tmp_path)
+  ckpts.save(1, {"w": jnp.zeros(4)})
+  ckpts.wait()
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  with pytest.raises(DataError, match=r"checkpoints/1: cannot restore \['w'\] of shape \(4,\)"):
+    ckpts.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=split)})
