@@ -1,20 +1,15 @@
 """bench/matmul_floor.py: the train step's product list matches CLIP's weights, and both frameworks'
 products compute the same thing."""
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 import torch  # a test extra: installed by `make test`
 
 from mmjax.models import clip
+from tests.bench import bench_script
 
-FLOOR_PATH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "matmul_floor.py"
-spec = importlib.util.spec_from_file_location("bench_matmul_floor", FLOOR_PATH)
-matmul_floor = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(matmul_floor)
+matmul_floor = bench_script.load("matmul_floor")
 
 # clip-anytorch sizes (MLP 4 × width, as OpenAI's model) and the vision heads.
 SIZES = dict(embed_dim=16, image_resolution=16, vision_layers=3, vision_width=32, vision_patch_size=8,

@@ -1,24 +1,13 @@
 """bench/timing.py: repeats, alternation, rates, the markdown table and the JSON it writes (no torch)."""
 
-import importlib.util
 import json
-import pathlib
 
 from absl import app
 import pytest
 
-TIMING_PATH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "timing.py"
+from tests.bench import bench_script
 
-
-def load_timing():
-  """bench/ is scripts, not a package: load timing.py by path."""
-  spec = importlib.util.spec_from_file_location("bench_timing", TIMING_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-timing = load_timing()
+timing = bench_script.load("timing")
 
 
 def test_repeat_warms_up_once_then_times_each_call():
